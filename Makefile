@@ -1,0 +1,44 @@
+# The README's commands. Everything heavy (the virtualenv, Go modules and
+# builds, Kubernetes binaries) is cached outside the checkout, keyed by version.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/derpfleet
+PYTHON ?= python3
+PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+VENV ?= $(CACHE)/venv-py$(PYVER)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: setup demo test lint unit interop clean-venv
+
+$(STAMP): pyproject.toml
+	@echo ">> creating the virtualenv in $(VENV) (cached; rebuilt when pyproject.toml changes)"
+	@mkdir -p $(CACHE)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip
+	@$(BIN)/pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+setup: $(STAMP)
+
+## demo: run a relay on loopback in dev mode (self-signed TLS, STUN), print its DERP map
+demo: setup
+	$(BIN)/derp-relay --dev
+
+## test: everything CI runs: lint, type checks, unit and integration tests, Go interop
+test: lint unit interop
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest
+
+interop: setup
+	@if [ -x e2e/interop/run ]; then PATH="$(BIN):$$PATH" CACHE="$(CACHE)" e2e/interop/run; \
+	 else echo ">> e2e/interop not present yet"; fi
+
+clean-venv:
+	rm -rf $(VENV)
