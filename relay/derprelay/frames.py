@@ -344,9 +344,7 @@ def _need(frame_type: FrameType, payload: bytes, minimum: int) -> None:
 
 def _exactly(frame_type: FrameType, payload: bytes, size: int) -> None:
     if len(payload) != size:
-        raise MalformedFrameError(
-            f"{frame_type.name} frame must be {size} bytes, got {len(payload)}"
-        )
+        raise MalformedFrameError(f"{frame_type.name} frame must be {size} bytes, got {len(payload)}")
 
 
 def _parse_packet_len(frame_type: FrameType, length: int) -> None:
@@ -494,12 +492,13 @@ class FrameDecoder:
     payload is buffered.
     """
 
-    __slots__ = ("_buffer", "_max_frame_len", "_offset")
+    __slots__ = ("_buffer", "_offset", "max_frame_len")
 
     def __init__(self, max_frame_len: int) -> None:
         self._buffer = bytearray()
         self._offset = 0
-        self._max_frame_len = max_frame_len
+        self.max_frame_len = max_frame_len
+        """The limit in force; a server raises it once the client is authenticated."""
 
     @property
     def buffered(self) -> int:
@@ -527,10 +526,10 @@ class FrameDecoder:
             if len(buffer) - start < FRAME_HEADER_LEN:
                 return
             frame_type, length = _HEADER.unpack_from(buffer, start)
-            if length > self._max_frame_len:
+            if length > self.max_frame_len:
                 raise FrameTooLargeError(
                     f"frame type 0x{frame_type:02x} announces {length} bytes, "
-                    f"over the {self._max_frame_len}-byte limit"
+                    f"over the {self.max_frame_len}-byte limit"
                 )
             end = start + FRAME_HEADER_LEN + length
             if len(buffer) < end:

@@ -49,9 +49,7 @@ def _parse_hex(text: str, prefix: str, what: str) -> bytes:
     except ValueError:
         raise KeyFormatError(f"{what} is not hexadecimal: {text!r}") from None
     if len(raw) != KEY_LEN:
-        raise KeyFormatError(
-            f"{what} must be {KEY_LEN} bytes ({2 * KEY_LEN} hex digits), got {len(raw)}"
-        )
+        raise KeyFormatError(f"{what} must be {KEY_LEN} bytes ({2 * KEY_LEN} hex digits), got {len(raw)}")
     return raw
 
 
@@ -108,9 +106,7 @@ class NodePrivateKey:
         if len(sealed) < NONCE_LEN:
             raise BoxOpenError(f"sealed box of {len(sealed)} bytes is shorter than its nonce")
         try:
-            box = nacl.public.Box(
-                nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer_public)
-            )
+            box = nacl.public.Box(nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer_public))
             return bytes(box.decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
         except nacl.exceptions.CryptoError:
             raise BoxOpenError(
@@ -133,9 +129,7 @@ class MeshKey:
     def from_text(cls, text: str) -> MeshKey:
         body = text.strip()
         if len(body) != 2 * KEY_LEN:
-            raise KeyFormatError(
-                f"mesh key must be {2 * KEY_LEN} hexadecimal digits, got {len(body)}"
-            )
+            raise KeyFormatError(f"mesh key must be {2 * KEY_LEN} hexadecimal digits, got {len(body)}")
         return cls(_parse_hex(body, "", "mesh key"))
 
     @classmethod

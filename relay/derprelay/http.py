@@ -1,0 +1,369 @@
+"""The relay's listener: one asyncio protocol per TCP (or TLS) connection.
+
+A connection starts as HTTP/1.1.  ``GET /derp`` with ``Upgrade: DERP`` (or a
+WebSocket upgrade with subprotocol ``derp``) turns it into a DERP connection
+handed to :class:`derprelay.server.ClientConnection`; every other path gets a
+small response and the connection is closed.  This module only moves bytes:
+parsing lives in ``http11``, ``websocket`` and ``frames``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from . import http11
+from . import websocket as ws
+from .frames import PROTOCOL_VERSION
+from .metrics import RelayStats
+from .ratelimit import TokenBucket
+from .server import ClientConnection, RelayServer
+
+log = logging.getLogger("derprelay.http")
+
+FAST_START_HEADER = "derp-fast-start"
+"""With value 1 the client skips reading our 101 and speaks DERP at once."""
+
+IDEAL_NODE_HEADER = "ideal-node"
+"""Sent by clients connected to a node that is not first in their region."""
+
+CHALLENGE_HEADER = "x-tailscale-challenge"
+RESPONSE_HEADER = "X-Tailscale-Response"
+MAX_CHALLENGE_LEN = 64
+_CHALLENGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+
+WRITE_BUFFER_HIGH = 256 * 1024
+"""Transport buffer above which a client counts as not reading (pause_writing)."""
+
+HOME_PAGE = b"""<!doctype html>
+<html><head><title>DERP relay</title></head><body>
+<h1>DERP</h1>
+<p>This is a <a href="https://tailscale.com/kb/1232/derp-servers">DERP</a> relay
+(derp-relay, part of derpfleet). It relays encrypted WireGuard packets for
+Tailscale and Headscale clients that cannot reach each other directly.</p>
+</body></html>
+"""
+ROBOTS = b"User-agent: *\nDisallow: /\n"
+
+
+@dataclass(slots=True)
+class HttpSite:
+    """Everything the HTTP layer serves besides the DERP server itself."""
+
+    server: RelayServer
+    metrics: Callable[[], bytes]
+    bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
+    accept_limit: TokenBucket | None = None
+    stats: RelayStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = self.server.stats
+
+
+class _Phase(enum.Enum):
+    HTTP = 1
+    DERP = 2
+    WEBSOCKET = 3
+    CLOSED = 4
+
+
+class RelayHttpProtocol(asyncio.Protocol):
+    """Reads one HTTP request, then either answers it or becomes a DERP stream."""
+
+    def __init__(self, site: HttpSite) -> None:
+        self._site = site
+        self._transport: asyncio.Transport | None = None
+        self._phase = _Phase.HTTP
+        self._head = bytearray()
+        self._conn: ClientConnection | None = None
+        self._ws: ws.WebSocketDecoder | None = None
+        self._peer: tuple[str, int] = ("", 0)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        limit = self._site.accept_limit
+        if limit is not None and not limit.try_take(1, asyncio.get_running_loop().time()):
+            self._site.stats.connections_closed["accept_rate_limited"] += 1
+            self._transport.abort()
+            self._phase = _Phase.CLOSED
+            return
+        timeout = self._site.server.handshake_timeout
+        self._head_deadline = asyncio.get_running_loop().call_later(timeout, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase is _Phase.DERP:
+            assert self._conn is not None
+            self._conn.receive_data(data)
+        elif phase is _Phase.WEBSOCKET:
+            self._websocket_data(data)
+        elif phase is _Phase.HTTP:
+            self._http_data(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._phase = _Phase.CLOSED
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+        if self._conn is not None:
+            self._conn.connection_lost()
+
+    def pause_writing(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_writing()
+
+    # --- FrameSink for ClientConnection -------------------------------------------
+
+    def write_frames(self, data: list[bytes]) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._phase is _Phase.WEBSOCKET:
+            transport.write(ws.encode_frame(ws.OP_BINARY, b"".join(data)))
+        else:
+            transport.write(b"".join(data) if len(data) > 1 else data[0])
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # --- HTTP phase -----------------------------------------------------------------
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self._phase is _Phase.HTTP:
+            timeout = self._site.server.handshake_timeout
+            self._reject("http_timeout", f"no HTTP request within {timeout:g}s", None)
+
+    def _http_data(self, data: bytes) -> None:
+        self._head += data
+        try:
+            parsed = http11.parse_request_head(self._head)
+        except http11.HttpError as exc:
+            self._reject("bad_http", str(exc), exc.status)
+            return
+        if parsed is None:
+            return
+        request, used = parsed
+        rest = bytes(self._head[used:])
+        self._head.clear()
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+        self._route(request, rest)
+
+    def _reject(self, reason: str, detail: str, status: int | None) -> None:
+        """Answer a bad request (when there is a status to send), count, log, close."""
+        self._site.stats.connections_closed[reason] += 1
+        log.warning("%s:%d: closed: %s: %s", *self._peer, reason, detail)
+        if self._transport is not None:
+            if status is not None:
+                self._transport.write(http11.response(status, [], (detail + "\n").encode()))
+            self._transport.close()
+        self._phase = _Phase.CLOSED
+
+    def _reply(
+        self, request: http11.Request, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        assert self._transport is not None
+        head_only = request.method == "HEAD"
+        self._transport.write(http11.response(status, headers, body, head_only=head_only))
+        self._transport.close()
+        self._phase = _Phase.CLOSED
+
+    def _route(self, request: http11.Request, rest: bytes) -> None:
+        path = request.path
+        stats = self._site.stats
+        if path == "/derp":
+            stats.http_requests["derp"] += 1
+            self._derp_upgrade(request, rest)
+            return
+        if path in ("/derp/probe", "/derp/latency-check"):
+            stats.http_requests["probe"] += 1
+            if request.method not in ("GET", "HEAD"):
+                self._reply(request, 405, [], b"bogus probe method\n")
+                return
+            self._reply(request, 200, [("Access-Control-Allow-Origin", "*")], b"")
+            return
+        if request.method not in ("GET", "HEAD"):
+            stats.http_requests["other"] += 1
+            self._reply(request, 405, [("Allow", "GET, HEAD")], b"method not allowed\n")
+            return
+        if path == "/generate_204":
+            stats.http_requests["generate_204"] += 1
+            self._reply(request, 204, _no_content_headers(request.header(CHALLENGE_HEADER)), b"")
+        elif path == "/":
+            stats.http_requests["home"] += 1
+            self._reply(request, 200, [("Content-Type", "text/html; charset=utf-8")], HOME_PAGE)
+        elif path == "/robots.txt":
+            stats.http_requests["robots"] += 1
+            self._reply(request, 200, [("Content-Type", "text/plain")], ROBOTS)
+        elif path == "/bootstrap-dns":
+            stats.http_requests["bootstrap_dns"] += 1
+            self._reply(request, 200, [("Content-Type", "application/json")], self._site.bootstrap_dns())
+        elif path in ("/metrics", "/debug/varz") or path.startswith("/debug/"):
+            stats.http_requests["debug"] += 1
+            self._debug(request)
+        else:
+            stats.http_requests["not_found"] += 1
+            self._reply(request, 404, [("Content-Type", "text/plain")], b"not found\n")
+
+    def _debug(self, request: http11.Request) -> None:
+        if not _is_loopback(self._peer[0]):
+            self._reply(
+                request, 403, [("Content-Type", "text/plain")], b"debug endpoints are loopback-only\n"
+            )
+            return
+        if request.path in ("/metrics", "/debug/varz"):
+            body = self._site.metrics()
+            self._reply(request, 200, [("Content-Type", "text/plain; version=0.0.4")], body)
+        elif request.path == "/debug/":
+            index = b'<a href="/debug/varz">/debug/varz</a> Prometheus metrics\n'
+            self._reply(request, 200, [("Content-Type", "text/html")], index)
+        else:
+            self._reply(request, 404, [("Content-Type", "text/plain")], b"not found\n")
+
+    def _derp_upgrade(self, request: http11.Request, rest: bytes) -> None:
+        assert self._transport is not None
+        upgrade = request.header("upgrade").lower()
+        if upgrade == "websocket" and "derp" in request.header("sec-websocket-protocol"):
+            self._websocket_upgrade(request, rest)
+            return
+        if upgrade not in ("derp", "websocket"):
+            self._reply(request, 426, [("Content-Type", "text/plain")], b"DERP requires connection upgrade\n")
+            return
+        if self._site.server.closing:
+            self._reply(request, 503, [], b"relay is shutting down\n")
+            return
+        if request.header(FAST_START_HEADER) != "1":
+            self._transport.write(
+                http11.response(
+                    101,
+                    [
+                        ("Upgrade", "DERP"),
+                        ("Connection", "Upgrade"),
+                        ("Derp-Version", str(PROTOCOL_VERSION)),
+                        ("Derp-Public-Key", self._site.server.public_key.hex()),
+                    ],
+                    close=False,
+                )
+            )
+        self._phase = _Phase.DERP
+        self._start_derp(request, rest)
+
+    def _websocket_upgrade(self, request: http11.Request, rest: bytes) -> None:
+        assert self._transport is not None
+        key = request.header("sec-websocket-key")
+        if not key or request.header("sec-websocket-version") != "13":
+            self._reply(request, 400, [], b"WebSocket upgrade needs Sec-WebSocket-Key and version 13\n")
+            return
+        self._transport.write(
+            http11.response(
+                101,
+                [
+                    ("Upgrade", "websocket"),
+                    ("Connection", "Upgrade"),
+                    ("Sec-WebSocket-Accept", ws.accept_token(key)),
+                    ("Sec-WebSocket-Protocol", ws.SUBPROTOCOL),
+                ],
+                close=False,
+            )
+        )
+        self._site.stats.websocket_accepts += 1
+        self._phase = _Phase.WEBSOCKET
+        self._ws = ws.WebSocketDecoder(expect_masked=True)
+        self._start_derp(request, b"")
+        if rest:
+            self._websocket_data(rest)
+
+    def _start_derp(self, request: http11.Request, rest: bytes) -> None:
+        self._conn = ClientConnection(
+            self._site.server,
+            self,
+            self._peer,
+            not_ideal=bool(request.header(IDEAL_NODE_HEADER)),
+        )
+        if rest:
+            self._conn.receive_data(rest)
+
+    def _websocket_data(self, data: bytes) -> None:
+        assert self._ws is not None and self._conn is not None and self._transport is not None
+        self._ws.receive_data(data)
+        try:
+            for event in self._ws.events():
+                if isinstance(event, ws.Data):
+                    if event.payload:
+                        self._conn.receive_data(event.payload)
+                elif isinstance(event, ws.PingEvent):
+                    self._transport.write(ws.encode_frame(ws.OP_PONG, event.payload))
+                else:
+                    self._transport.write(ws.encode_close(ws.CLOSE_NORMAL))
+                    self._transport.close()
+                    return
+                if self._phase is not _Phase.WEBSOCKET:
+                    return
+        except ws.WebSocketError as exc:
+            self._site.stats.connections_closed["bad_websocket"] += 1
+            log.warning("%s:%d: closed: bad_websocket: %s", *self._peer, exc)
+            self._transport.write(ws.encode_close(exc.code, str(exc)))
+            self._transport.close()
+
+
+def _no_content_headers(challenge: str) -> list[tuple[str, str]]:
+    """Captive-portal check: echo a well-formed challenge as derper does."""
+    headers = [("Cache-Control", "no-cache, no-store, must-revalidate, no-transform, max-age=0")]
+    if challenge and len(challenge) <= MAX_CHALLENGE_LEN and set(challenge) <= _CHALLENGE_CHARS:
+        headers.append((RESPONSE_HEADER, "response " + challenge))
+    return headers
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # a dual-stack listener's view of 127.x
+    return address.is_loopback
+
+
+async def start_listener(
+    site: HttpSite, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> asyncio.Server:
+    """Listen for relay connections (TLS when ``ssl_context`` is given)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: RelayHttpProtocol(site),
+        host=host or None,
+        port=port,
+        ssl=ssl_context,
+        reuse_address=True,
+        backlog=1024,
+        ssl_handshake_timeout=site.server.handshake_timeout if ssl_context else None,
+    )

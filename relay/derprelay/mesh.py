@@ -1,0 +1,140 @@
+"""Region mesh: keep a link to every other relay and forward packets across it.
+
+Each relay of a region dials every other member (``--mesh-with``) as a DERP
+client holding the mesh key, subscribes with WatchConns, and learns from the
+PeerPresent/PeerGone stream which clients sit where.  A packet for a client on
+another member goes down that member's link as a ForwardPacket.  When a link
+drops, everything learned through it is forgotten and the link is redialled
+with backoff; on reconnect the watcher flood re-teaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass
+
+from . import frames as f
+from .client import DerpClient, DerpClientError, Endpoint, connect
+from .server import RelayServer
+
+log = logging.getLogger("derprelay.mesh")
+
+MESH_BACKLOG_LIMIT = 4 << 20
+"""Bytes of unsent ForwardPackets a link may hold before new ones are dropped."""
+
+RECONNECT_MIN = 0.25
+RECONNECT_MAX = 5.0
+"""Redial backoff bounds, in seconds: fast first retry, capped so a region heals quickly."""
+
+
+class MeshConfigError(ValueError):
+    """``--mesh-with`` or the mesh TLS settings are malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPeer:
+    """One ``--mesh-with`` entry: the name to connect to, and optionally where to dial."""
+
+    host: str
+    """``host`` or ``host:port``, used in the URL and for TLS verification."""
+    dial_host: str = ""
+    """Address to dial instead of resolving ``host`` (derper's ``host/dialhost``)."""
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}/derp"
+
+
+def parse_mesh_with(value: str) -> list[MeshPeer]:
+    """Parse derper's ``--mesh-with`` list: ``host[:port][/dialhost]``, comma-separated."""
+    peers = []
+    for item in value.split(","):
+        entry = item.strip()
+        if not entry:
+            continue
+        parts = entry.split("/")
+        if len(parts) > 2 or not all(parts):
+            raise MeshConfigError(f"mesh peer {entry!r} must be host[:port] or host[:port]/dialhost")
+        peers.append(MeshPeer(parts[0], parts[1] if len(parts) == 2 else ""))
+    return peers
+
+
+class MeshLink:
+    """The link to one other region member; a :class:`PacketForwarder` for its clients."""
+
+    def __init__(self, server: RelayServer, peer: MeshPeer, tls: ssl.SSLContext | None, insecure: bool):
+        self.server = server
+        self.peer = peer
+        self.name = peer.host
+        self._endpoint = Endpoint(peer.url, dial_host=_dial_address(peer), ssl_context=tls, insecure=insecure)
+        self._client: DerpClient | None = None
+        self._learned: set[bytes] = set()
+
+    def forward_packet(self, source: bytes, destination: bytes, packet: bytes) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        return client.forward_nowait(source, destination, packet, MESH_BACKLOG_LIMIT)
+
+    async def run(self) -> None:
+        """Keep the link up until cancelled."""
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                await self._serve_once()
+                delay = RECONNECT_MIN
+            except (DerpClientError, OSError, f.ProtocolError) as exc:
+                log.warning("mesh %s: %s; redialling in %.2fs", self.name, exc, delay)
+            finally:
+                self._forget_all()
+            await asyncio.sleep(delay)
+            delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _serve_once(self) -> None:
+        server = self.server
+        mesh_key = server.mesh_key
+        assert mesh_key is not None, "mesh links need the mesh key"
+        client = await connect(self._endpoint, server.private_key, mesh_key=mesh_key)
+        if client.server_public_key == server.public_key:
+            log.info("mesh %s: that is this relay; not meshing with ourselves", self.name)
+            await client.close()
+            await asyncio.Event().wait()  # stay idle: nothing to learn from ourselves
+        self._client = client
+        server.mesh_links_up += 1
+        log.info("mesh %s: connected; watching its clients", self.name)
+        try:
+            await client.watch_conns()
+            while True:
+                frame = await client.recv()
+                if isinstance(frame, f.PeerPresent):
+                    self._learned.add(frame.peer)
+                    server.add_forwarder(frame.peer, self)
+                elif isinstance(frame, f.PeerGone):
+                    self._learned.discard(frame.peer)
+                    server.remove_forwarder(frame.peer, self)
+        finally:
+            server.mesh_links_up -= 1
+            self._client = None
+            await client.close()
+
+    def _forget_all(self) -> None:
+        for key in self._learned:
+            self.server.remove_forwarder(key, self)
+        if self._learned:
+            log.info("mesh %s: forgot %d clients learned over the link", self.name, len(self._learned))
+        self._learned.clear()
+
+    def __repr__(self) -> str:
+        return f"MeshLink({self.name}, {len(self._learned)} clients)"
+
+
+def _dial_address(peer: MeshPeer) -> str:
+    """The host part to dial; a dial host carries no port (the URL's port is used)."""
+    if not peer.dial_host:
+        return ""
+    host = peer.dial_host
+    if host.startswith("[") and "]" in host:
+        return host[1 : host.index("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host

@@ -1,0 +1,695 @@
+"""The relay core: who is connected, where each packet goes, what each client is owed.
+
+:class:`RelayServer` is the registry (clients by key, duplicate connections,
+mesh watchers, mesh forwarders, PeerGone bookkeeping).
+:class:`ClientConnection` is one DERP connection's state machine: handshake,
+frame handling, a bounded send queue and keep-alives.  Neither does socket I/O:
+a connection talks to its transport through the small :class:`FrameSink`
+interface, which ``derprelay.http`` implements for raw DERP and WebSocket.
+
+Semantics follow Tailscale's derper (``derp/derpserver``): a per-client send
+queue of bounded depth that drops the oldest packet when the client is not
+reading, the last-active-wins policy for one key connected twice, PeerGone to
+everyone who received from a client that left the region, WatchConns and
+ClosePeer for holders of the mesh key only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import frames as f
+from .keys import KEY_LEN, BoxOpenError, MeshKey, NodePrivateKey, short_key
+from .metrics import DropReason, Gauges, RelayStats
+from .ratelimit import TokenBucket
+
+log = logging.getLogger("derprelay")
+
+SEND_QUEUE_DEPTH = 32
+"""Packets buffered for a client that is not keeping up (derper's default)."""
+
+WRITE_TIMEOUT = 2.0
+"""Seconds a client may leave its socket unread before we drop the connection."""
+
+MESH_WRITE_TIMEOUT = 30.0
+"""Mesh peers and monitors get longer: their initial PeerPresent flood is big."""
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds from connection to a complete ClientInfo (derper's deadline)."""
+
+KEEP_ALIVE_JITTER = 5.0
+"""Keep-alives go out every KeepAlive interval plus up to this much jitter."""
+
+KEEP_ALIVE_INTERVAL = 60.0
+"""derp.KeepAlive: clients treat two missed keep-alives as a dead server."""
+
+PEER_GONE_NOT_HERE_RATE = 1.0
+PEER_GONE_NOT_HERE_BURST = 3
+"""At most 3 (then 1/s) "not here" PeerGones per client, answering disco only."""
+
+DUPLICATE_KEY_HEALTH = (
+    "this node key is connected to the relay more than once; "
+    "only the most recently active connection receives packets"
+)
+"""Health text sent to every connection of a key that is connected twice."""
+
+RESTART_RECONNECT_IN_MS = 1_000
+RESTART_TRY_FOR_MS = 30_000
+"""What the Restarting frame advises on graceful shutdown."""
+
+DISCO_MAGIC = "TS💬".encode()
+DISCO_MIN_LEN = len(DISCO_MAGIC) + 32 + 24
+"""A disco (path discovery) packet: magic, sender's disco key, nonce."""
+
+
+def looks_like_disco(packet: bytes) -> bool:
+    """Disco packets get a PeerGone(NotHere) reply when undeliverable."""
+    return len(packet) >= DISCO_MIN_LEN and packet.startswith(DISCO_MAGIC)
+
+
+class CloseReason(enum.StrEnum):
+    """Why the relay closed a connection: the label of the metric and log line."""
+
+    CLIENT_LEFT = "client_left"
+    PROTOCOL_ERROR = "protocol_error"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    BAD_CLIENT_INFO = "bad_client_info"
+    NOT_ADMITTED = "not_admitted"
+    NOT_PERMITTED = "not_permitted"
+    WRITE_TIMEOUT = "write_timeout"
+    CLOSED_BY_PEER = "closed_by_mesh_peer"
+    SHUTDOWN = "shutdown"
+
+
+class FrameSink(Protocol):
+    """What a connection needs from its transport (raw TCP/TLS or WebSocket)."""
+
+    def write_frames(self, data: list[bytes]) -> None:
+        """Write these frames, in order, as one batch."""
+
+    def close(self) -> None:
+        """Flush what was written, then close."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class PacketForwarder(Protocol):
+    """A mesh link that can carry a packet to a client on another relay."""
+
+    name: str
+
+    def forward_packet(self, source: bytes, destination: bytes, packet: bytes) -> bool:
+        """Queue the packet; False if it had to be dropped."""
+
+
+Admission = Callable[[bytes, str], Coroutine[Any, Any, None]]
+"""Checks (client key, client IP) and raises AdmissionDenied to refuse."""
+
+
+class AdmissionDeniedError(Exception):
+    """An admission check refused the client; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Per-client receive limit, announced to the client in ServerInfo."""
+
+    bytes_per_second: int
+    burst_bytes: int
+
+
+class _KeySet:
+    """All connections of one client key, and which of them gets its packets.
+
+    The common case is one connection.  When a key connects more than once
+    (a roaming client's old socket not yet dead, or a cloned key), the most
+    recently connected or most recently sending connection is active: derper's
+    ``lastWriterIsActive`` policy.
+    """
+
+    __slots__ = ("active", "connections")
+
+    def __init__(self, first: ClientConnection) -> None:
+        self.connections: list[ClientConnection] = [first]
+        self.active: ClientConnection | None = first
+
+
+class RelayServer:
+    """The registry and router shared by every connection of one relay process."""
+
+    def __init__(
+        self,
+        private_key: NodePrivateKey,
+        *,
+        mesh_key: MeshKey | None = None,
+        admission: Admission | None = None,
+        rate_limit: RateLimit | None = None,
+        send_queue_depth: int = SEND_QUEUE_DEPTH,
+        write_timeout: float = WRITE_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        stats: RelayStats | None = None,
+    ) -> None:
+        self.private_key = private_key
+        self.public_key = private_key.public
+        self.mesh_key = mesh_key
+        self.admission = admission
+        self.rate_limit = rate_limit
+        self.send_queue_depth = send_queue_depth
+        self.write_timeout = write_timeout
+        self.handshake_timeout = handshake_timeout
+        self.stats = stats or RelayStats()
+        self._clients: dict[bytes, _KeySet] = {}
+        self._watchers: set[ClientConnection] = set()
+        self._forwarders: dict[bytes, list[PacketForwarder]] = {}
+        self._received_from: dict[bytes, set[ClientConnection]] = {}
+        self._connections: set[ClientConnection] = set()
+        self.mesh_links_up = 0
+        self.closing = False
+
+    # --- registry ---------------------------------------------------------
+
+    def gauges(self) -> Gauges:
+        return Gauges(
+            current_connections=len(self._connections),
+            current_home_connections=sum(1 for c in self._connections if c.preferred),
+            unique_client_keys=len(self._clients),
+            duplicate_client_keys=sum(1 for s in self._clients.values() if len(s.connections) > 1),
+            watchers=len(self._watchers),
+            mesh_forwarded_keys=len(self._forwarders),
+            mesh_peers_connected=self.mesh_links_up,
+        )
+
+    def is_connected(self, key: bytes) -> bool:
+        return key in self._clients
+
+    def connection_started(self, conn: ClientConnection) -> None:
+        self._connections.add(conn)
+
+    def register(self, conn: ClientConnection) -> None:
+        """Make ``conn`` the active connection for its key and tell the watchers."""
+        key_set = self._clients.get(conn.key)
+        if key_set is None:
+            self._clients[conn.key] = _KeySet(conn)
+        else:
+            key_set.connections.append(conn)
+            key_set.active = conn
+            for dup in key_set.connections:
+                dup.send_health(DUPLICATE_KEY_HEALTH)
+            log.info(
+                "client %s connected %d times; newest is active",
+                short_key(conn.key),
+                len(key_set.connections),
+            )
+        self._broadcast(f.PeerPresent(conn.key, conn.address, conn.port, conn.present_flags))
+
+    def unregister(self, conn: ClientConnection) -> None:
+        """Forget ``conn``; if its key is gone from the region, send PeerGones."""
+        self._connections.discard(conn)
+        self._watchers.discard(conn)
+        for source in conn.sources_seen:
+            receivers = self._received_from.get(source)
+            if receivers is not None:
+                receivers.discard(conn)
+                if not receivers:
+                    del self._received_from[source]
+        key_set = self._clients.get(conn.key)
+        if key_set is None or conn not in key_set.connections:
+            return
+        key_set.connections.remove(conn)
+        if key_set.connections:
+            key_set.active = key_set.connections[-1]
+            if len(key_set.connections) == 1:
+                key_set.active.send_health("")
+            return
+        del self._clients[conn.key]
+        self._broadcast(f.PeerGone(conn.key))
+        if conn.key not in self._forwarders:
+            self._note_gone_from_region(conn.key)
+
+    def note_activity(self, conn: ClientConnection) -> None:
+        """Last writer is active: a duplicate that speaks takes the key's packets."""
+        key_set = self._clients.get(conn.key)
+        if key_set is not None and len(key_set.connections) > 1:
+            key_set.active = conn
+
+    def add_watcher(self, conn: ClientConnection) -> None:
+        """Subscribe a mesh peer to PeerPresent/PeerGone, starting with everyone now here."""
+        if conn.key == self.public_key:
+            return  # our own mesh link looped back to us
+        self._watchers.add(conn)
+        conn.queue_control(
+            [
+                f.PeerPresent(k, s.active.address, s.active.port, s.active.present_flags).encode()
+                for k, s in self._clients.items()
+                if s.active is not None
+            ]
+        )
+
+    def close_peer(self, key: bytes) -> int:
+        """Close every connection of ``key`` (a mesh peer asked); returns how many."""
+        key_set = self._clients.get(key)
+        if key_set is None:
+            return 0
+        victims = list(key_set.connections)
+        for victim in victims:
+            victim.close(CloseReason.CLOSED_BY_PEER)
+        return len(victims)
+
+    def _broadcast(self, frame: f.PeerPresent | f.PeerGone) -> None:
+        if self._watchers:
+            data = frame.encode()
+            for watcher in self._watchers:
+                watcher.queue_control([data])
+
+    def _note_gone_from_region(self, key: bytes) -> None:
+        for receiver in self._received_from.pop(key, ()):
+            receiver.sources_seen.discard(key)
+            receiver.send_peer_gone(key, f.PeerGoneReason.DISCONNECTED)
+
+    # --- mesh forwarders ---------------------------------------------------
+
+    def add_forwarder(self, key: bytes, forwarder: PacketForwarder) -> None:
+        """``key`` is reachable through ``forwarder`` (a mesh peer saw it connect)."""
+        present = self._forwarders.setdefault(key, [])
+        if forwarder not in present:
+            present.append(forwarder)
+
+    def remove_forwarder(self, key: bytes, forwarder: PacketForwarder) -> None:
+        present = self._forwarders.get(key)
+        if present is None or forwarder not in present:
+            return
+        present.remove(forwarder)
+        if present:
+            return
+        del self._forwarders[key]
+        if key not in self._clients:
+            self._note_gone_from_region(key)
+
+    # --- routing ------------------------------------------------------------
+
+    def route(
+        self,
+        sender: ClientConnection,
+        source: bytes,
+        dest: bytes,
+        packet: bytes,
+        *,
+        forwarded: bool = False,
+    ) -> None:
+        """Deliver a packet locally, or through a mesh peer, or drop it and say why.
+
+        A packet that a mesh peer ``forwarded`` to us is never forwarded again,
+        so two relays that disagree about a client cannot bounce it forever.
+        """
+        key_set = self._clients.get(dest)
+        if key_set is not None:
+            if key_set.active is not None:
+                key_set.active.deliver_packet(source, packet)
+            else:
+                self.stats.drop(DropReason.DUP_CLIENT, len(packet))
+            return
+        forwarders = None if forwarded else self._forwarders.get(dest)
+        if forwarders:
+            if forwarders[0].forward_packet(source, dest, packet):
+                self.stats.packets_forwarded_out += 1
+            else:
+                self.stats.drop(DropReason.MESH_BACKLOG, len(packet))
+            return
+        reason = DropReason.UNKNOWN_DEST_ON_FWD if forwarded else DropReason.UNKNOWN_DEST
+        self.stats.drop(reason, len(packet))
+        if looks_like_disco(packet):
+            sender.send_peer_gone_limited(dest)
+
+    def note_received_from(self, source: bytes, receiver: ClientConnection) -> None:
+        self._received_from.setdefault(source, set()).add(receiver)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Tell every client we are restarting, give the frames a moment, close all."""
+        self.closing = True
+        notice = f.Restarting(RESTART_RECONNECT_IN_MS, RESTART_TRY_FOR_MS).encode()
+        for conn in list(self._connections):
+            conn.queue_control([notice])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while loop.time() < deadline and any(c.has_backlog for c in self._connections):
+            await asyncio.sleep(0.02)
+        for conn in list(self._connections):
+            conn.close(CloseReason.SHUTDOWN)
+
+
+class _State(enum.Enum):
+    AWAIT_CLIENT_INFO = 1
+    ADMITTING = 2
+    RUNNING = 3
+    CLOSED = 4
+
+
+class ClientConnection:
+    """One DERP connection, from ServerKey to close.
+
+    Bytes arrive through :meth:`receive_data`; frames leave through the sink in
+    batches, once per event-loop turn.  While the transport's buffer is full
+    (``pause_writing``), packets wait in a queue of ``send_queue_depth`` and
+    the oldest is dropped to make room, as derper does; if the client stays
+    unreadable for the write timeout, the connection is closed.
+    """
+
+    def __init__(
+        self,
+        server: RelayServer,
+        sink: FrameSink,
+        remote: tuple[str, int],
+        *,
+        not_ideal: bool = False,
+    ) -> None:
+        self.server = server
+        self.sink = sink
+        self.address = _parse_ip(remote[0])
+        self.port = remote[1]
+        self.remote = f"{remote[0]}:{remote[1]}"
+        self.key = b""
+        self.can_mesh = False
+        self.is_prober = False
+        self.not_ideal = not_ideal
+        self.preferred = False
+        self.sources_seen: set[bytes] = set()
+        self._state = _State.AWAIT_CLIENT_INFO
+        self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
+        self._control: list[bytes] = []
+        self._packets: deque[bytes] = deque()
+        self._flush_scheduled = False
+        self._writing_paused = False
+        self._loop = asyncio.get_running_loop()
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._keep_alive: asyncio.TimerHandle | None = None
+        self._handshake_deadline: asyncio.TimerHandle | None = self._loop.call_later(
+            server.handshake_timeout, self._handshake_timed_out
+        )
+        self._recv_limit: TokenBucket | None = None
+        self._peer_gone_limit = TokenBucket(
+            PEER_GONE_NOT_HERE_RATE, PEER_GONE_NOT_HERE_BURST, self._loop.time()
+        )
+        self._label = self.remote
+        server.connection_started(self)
+        self.queue_control([f.ServerKey(server.public_key).encode()])
+
+    # --- properties -------------------------------------------------------------
+
+    @property
+    def present_flags(self) -> f.PeerPresentFlags:
+        flags = f.PeerPresentFlags.NONE
+        if self.is_prober:
+            flags |= f.PeerPresentFlags.PROBER
+        if self.can_mesh:
+            flags |= f.PeerPresentFlags.MESH_PEER
+        if self.not_ideal:
+            flags |= f.PeerPresentFlags.NOT_IDEAL
+        return flags or f.PeerPresentFlags.REGULAR
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._control or self._packets) and self._state is not _State.CLOSED
+
+    # --- input --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the transport; handles every complete frame."""
+        if self._state is _State.CLOSED:
+            return
+        self._decoder.receive_data(data)
+        self._process_frames()
+        if self._recv_limit is not None and self._state is _State.RUNNING:
+            self._charge_receive_limit(len(data))
+
+    def _process_frames(self) -> None:
+        try:
+            for frame in self._decoder.frames():
+                if self._state is _State.RUNNING:
+                    self._handle(frame)
+                elif self._state is _State.AWAIT_CLIENT_INFO and not self._handle_client_info(frame):
+                    return  # the rest waits in the decoder until admitted
+                if self._state is _State.CLOSED:
+                    return
+        except f.ProtocolError as exc:
+            self.close(CloseReason.PROTOCOL_ERROR, str(exc))
+
+    def connection_lost(self) -> None:
+        """The transport is gone (peer hung up, or we closed it)."""
+        if self._state is not _State.CLOSED:
+            self._finish(CloseReason.CLIENT_LEFT, "")
+
+    # --- handshake ------------------------------------------------------------------
+
+    def _handle_client_info(self, frame: f.Frame) -> bool:
+        """Authenticate the client; False while frames must wait (admission, or closed)."""
+        if not isinstance(frame, f.ClientInfo):
+            raise f.MalformedFrameError(f"expected CLIENT_INFO first, got {type(frame).__name__}")
+        try:
+            plain = self.server.private_key.open_from(frame.public_key, frame.sealed_info)
+            info = f.ClientInfoMessage.from_json(plain)
+        except (BoxOpenError, f.MalformedFrameError) as exc:
+            self.close(CloseReason.BAD_CLIENT_INFO, str(exc))
+            return False
+        self.key = frame.public_key
+        self._label = f"{self.remote}{short_key(self.key)}"
+        mesh_key = self.server.mesh_key
+        self.can_mesh = bool(info.mesh_key) and mesh_key is not None and mesh_key.matches(info.mesh_key)
+        self.is_prober = info.is_prober
+        self._decoder.max_frame_len = f.MAX_SERVER_FRAME_LEN
+        admission = self.server.admission
+        if admission is None or self.can_mesh:
+            self._admitted()
+            return True
+        self._state = _State.ADMITTING
+        self.sink.pause_reading()
+        task = self._loop.create_task(admission(self.key, str(self.address or "")))
+        task.add_done_callback(self._admission_done)
+        return False
+
+    def _admission_done(self, task: asyncio.Task[None]) -> None:
+        if self._state is not _State.ADMITTING:
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.close(CloseReason.NOT_ADMITTED, str(exc))
+            return
+        self.sink.resume_reading()
+        self._admitted()
+        self._process_frames()
+
+    def _admitted(self) -> None:
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+            self._handshake_deadline = None
+        server = self.server
+        info = f.ServerInfoMessage()
+        if server.rate_limit is not None and not self.can_mesh:
+            limit = server.rate_limit
+            info = f.ServerInfoMessage(
+                token_bucket_bytes_per_second=limit.bytes_per_second,
+                token_bucket_bytes_burst=limit.burst_bytes,
+            )
+            self._recv_limit = TokenBucket(limit.bytes_per_second, limit.burst_bytes, self._loop.time())
+        self._state = _State.RUNNING
+        self.queue_control([f.ServerInfo(server.private_key.seal_to(self.key, info.to_json())).encode()])
+        server.stats.accepts += 1
+        server.register(self)
+        self._schedule_keep_alive()
+        log.debug("%s: connected (mesh=%s prober=%s)", self._label, self.can_mesh, self.is_prober)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_deadline = None
+        if self._state in (_State.AWAIT_CLIENT_INFO, _State.ADMITTING):
+            self.close(
+                CloseReason.HANDSHAKE_TIMEOUT,
+                f"no complete handshake within {self.server.handshake_timeout:g}s",
+            )
+
+    # --- steady state -------------------------------------------------------------
+
+    def _handle(self, frame: f.Frame) -> None:
+        server = self.server
+        server.note_activity(self)
+        if isinstance(frame, f.SendPacket):
+            stats = server.stats
+            stats.packets_received += 1
+            stats.bytes_received += len(frame.packet)
+            server.route(self, self.key, frame.destination, frame.packet)
+        elif isinstance(frame, f.ForwardPacket):
+            if self._permitted(frame):
+                server.stats.packets_forwarded_in += 1
+                server.route(self, frame.source, frame.destination, frame.packet, forwarded=True)
+        elif isinstance(frame, f.Ping):
+            server.stats.pings_received += 1
+            server.stats.pongs_sent += 1
+            self.queue_control([f.Pong(frame.data).encode()])
+        elif isinstance(frame, f.NotePreferred):
+            if frame.preferred and not self.preferred:
+                server.stats.home_moves_in += 1
+            self.preferred = frame.preferred
+        elif isinstance(frame, f.WatchConns):
+            if self._permitted(frame):
+                server.add_watcher(self)
+        elif isinstance(frame, f.ClosePeer):
+            if self._permitted(frame):
+                closed = server.close_peer(frame.peer)
+                log.info(
+                    "%s: ClosePeer %s closed %d connections",
+                    self._label,
+                    short_key(frame.peer),
+                    closed,
+                )
+        elif isinstance(frame, (f.Pong, f.KeepAlive, f.UnknownFrame)):
+            pass  # nothing to do; unknown types are skipped for forward compatibility
+        else:
+            raise f.MalformedFrameError(f"a client may not send {type(frame).__name__}")
+
+    def _permitted(self, frame: f.Frame) -> bool:
+        """Mesh-only frames from a client without the mesh key close its connection."""
+        if not self.can_mesh:
+            self.close(
+                CloseReason.NOT_PERMITTED,
+                f"{type(frame).__name__} needs the mesh key, and this client has none",
+            )
+        return self.can_mesh
+
+    def _charge_receive_limit(self, size: int) -> None:
+        """Charge received bytes to the bucket; pause the socket until the debt is paid."""
+        assert self._recv_limit is not None
+        wait = self._recv_limit.take_debt(size, self._loop.time())
+        if wait > 0:
+            self.sink.pause_reading()
+            self._loop.call_later(wait, self._resume_after_limit)
+
+    def _resume_after_limit(self) -> None:
+        if self._state is _State.RUNNING:
+            self.sink.resume_reading()
+
+    # --- output -------------------------------------------------------------------
+
+    def deliver_packet(self, source: bytes, packet: bytes) -> None:
+        """Queue a RecvPacket; remember the source so we can report it gone."""
+        if self._state is not _State.RUNNING:
+            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(packet))
+            return
+        if source not in self.sources_seen:
+            self.sources_seen.add(source)
+            self.server.note_received_from(source, self)
+        packets = self._packets
+        if self._writing_paused and len(packets) >= self.server.send_queue_depth:
+            dropped = packets.popleft()
+            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped) - 5 - KEY_LEN)
+        packets.append(f.encode_recv_packet(source, packet))
+        self._schedule_flush()
+
+    def queue_control(self, data: list[bytes]) -> None:
+        """Queue non-packet frames (never dropped while the connection lives)."""
+        if self._state is _State.CLOSED or not data:
+            return
+        self._control.extend(data)
+        self._schedule_flush()
+
+    def send_peer_gone(self, peer: bytes, reason: f.PeerGoneReason) -> None:
+        self.server.stats.peer_gone_frames[reason.name.lower()] += 1
+        self.queue_control([f.PeerGone(peer, reason).encode()])
+
+    def send_peer_gone_limited(self, peer: bytes) -> None:
+        if self._peer_gone_limit.try_take(1, self._loop.time()):
+            self.send_peer_gone(peer, f.PeerGoneReason.NOT_HERE)
+
+    def send_health(self, problem: str) -> None:
+        self.queue_control([f.Health(problem).encode()])
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self._writing_paused:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._state is _State.CLOSED or self._writing_paused:
+            return
+        batch = self._control
+        self._control = []
+        if self._packets:
+            stats = self.server.stats
+            count = len(self._packets)
+            stats.packets_sent += count
+            stats.bytes_sent += sum(map(len, self._packets)) - count * (5 + KEY_LEN)
+            batch.extend(self._packets)
+            self._packets.clear()
+        if batch:
+            self.sink.write_frames(batch)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: hold frames, start the write clock."""
+        self._writing_paused = True
+        timeout = MESH_WRITE_TIMEOUT if self.can_mesh else self.server.write_timeout
+        if self._write_deadline is None:
+            self._write_deadline = self._loop.call_later(timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        self._schedule_flush()
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        self.close(CloseReason.WRITE_TIMEOUT, "client stopped reading")
+
+    def _schedule_keep_alive(self) -> None:
+        delay = KEEP_ALIVE_INTERVAL + random.uniform(0, KEEP_ALIVE_JITTER)
+        self._keep_alive = self._loop.call_later(delay, self._send_keep_alive)
+
+    def _send_keep_alive(self) -> None:
+        if self._state is _State.RUNNING:
+            self.queue_control([f.KEEP_ALIVE_FRAME])
+            self._schedule_keep_alive()
+
+    # --- closing ------------------------------------------------------------------
+
+    def close(self, reason: CloseReason, detail: str = "") -> None:
+        """Close this connection, flushing what is queued, and say why in the log."""
+        if self._state is _State.CLOSED:
+            return
+        self._flush()
+        self._finish(reason, detail)
+        self.sink.close()
+
+    def _finish(self, reason: CloseReason, detail: str) -> None:
+        self._state = _State.CLOSED
+        for timer in (self._handshake_deadline, self._write_deadline, self._keep_alive):
+            if timer is not None:
+                timer.cancel()
+        self._handshake_deadline = self._write_deadline = self._keep_alive = None
+        dropped = len(self._packets)
+        if dropped:
+            self.server.stats.packets_dropped[DropReason.GONE_DISCONNECTED] += dropped
+        self._packets.clear()
+        self._control.clear()
+        self.server.stats.connections_closed[reason.value] += 1
+        self.server.unregister(self)
+        quiet = reason in (CloseReason.CLIENT_LEFT, CloseReason.SHUTDOWN)
+        level = logging.DEBUG if quiet else logging.WARNING
+        log.log(level, "%s: closed: %s%s", self._label, reason.value, f": {detail}" if detail else "")
+
+
+def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
