@@ -1,0 +1,5 @@
+//go:build !ts_debug_websockets
+
+package interop
+
+const builtWithWebsockets = false
