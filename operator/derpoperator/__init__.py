@@ -1,0 +1,1 @@
+"""derpfleet's control plane: DerpRegion resources reconciled into relay fleets."""
