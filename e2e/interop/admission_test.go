@@ -104,7 +104,7 @@ func TestAdmission(t *testing.T) {
 		t.Errorf("admission request Source = %v, want the client's loopback address", src)
 	}
 	// Nothing sent to the denied key is delivered: the relay does not know it.
-	if err := a.Send(privD.Public(), []byte("hello?")); err != nil {
+	if err := a.Send(privD.Public(), discoLikePacket()); err != nil {
 		t.Fatal(err)
 	}
 	ra.next(ctx, "PeerGone(not here) for the denied key", peerGone(privD.Public(), derp.PeerGoneReasonNotHere))

@@ -126,7 +126,6 @@ func (d *derperProc) Node(name string) *tailcfg.DERPNode {
 		RegionID: testRegionID,
 		HostName: "127.0.0.1",
 		IPv4:     "127.0.0.1",
-		IPv6:     "none",
 		DERPPort: d.port,
 		STUNPort: d.stunPort,
 		CertName: d.cert.CertName,

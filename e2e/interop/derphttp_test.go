@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"tailscale.com/derp"
+	"tailscale.com/disco"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/types/key"
 )
@@ -80,9 +81,6 @@ func exerciseClientPair(t *testing.T, relay *relayProc) {
 			sendAndExpect(t, a, b, rb, size)
 			sendAndExpect(t, b, a, ra, size)
 		}
-		if err := a.Send(b.SelfPublicKey(), make([]byte, derp.MaxPacketSize+1)); err == nil {
-			t.Errorf("client accepted an oversized packet; the relay is not what rejects it")
-		}
 	})
 
 	t.Run("ping", func(t *testing.T) {
@@ -118,11 +116,31 @@ func exerciseClientPair(t *testing.T, relay *relayProc) {
 	})
 
 	t.Run("peer-gone-not-here", func(t *testing.T) {
+		// derper answers only disco packets for unknown peers (and at most
+		// 3 a second): a plain packet is dropped silently.
 		stranger := key.NewNode().Public()
-		if err := a.Send(stranger, []byte("anyone?")); err != nil {
+		if err := a.Send(stranger, []byte("not disco")); err != nil {
 			t.Fatal(err)
 		}
-		ra.next(ctx, "PeerGone(not here)", peerGone(stranger, derp.PeerGoneReasonNotHere))
+		if err := a.Send(stranger, discoLikePacket()); err != nil {
+			t.Fatal(err)
+		}
+		m := ra.next(ctx, "PeerGone(not here)", func(m derp.ReceivedMessage) bool {
+			_, ok := m.(derp.PeerGoneMessage)
+			return ok
+		}).(derp.PeerGoneMessage)
+		if m.Peer != stranger || m.Reason != derp.PeerGoneReasonNotHere {
+			t.Fatalf("got %+v, want PeerGone(%v, not here)", m, stranger)
+		}
+		// The plain packet came first; had it been answered, that answer
+		// would have been the one above. Nothing else must follow.
+		quiet := testContext(t, 500*time.Millisecond)
+		if m, err := ra.nextErr(quiet, func(m derp.ReceivedMessage) bool {
+			_, ok := m.(derp.PeerGoneMessage)
+			return ok
+		}); err == nil {
+			t.Fatalf("second PeerGone %+v for one disco packet", m)
+		}
 	})
 
 	t.Run("peer-gone-disconnected", func(t *testing.T) {
@@ -131,6 +149,28 @@ func exerciseClientPair(t *testing.T, relay *relayProc) {
 		b.Close()
 		ra.next(ctx, "PeerGone(disconnected)", peerGone(bKey, derp.PeerGoneReasonDisconnected))
 	})
+
+	t.Run("oversized-packet-closes-connection", func(t *testing.T) {
+		// derper reads at most MaxPacketSize bytes of packet and drops the
+		// connection of a client that sends more.
+		c := regionClient(t, "oversize", node)
+		rc := startReceiver(t, "oversize", c)
+		rc.next(ctx, "ServerInfo", isServerInfo)
+		if err := c.Send(a.SelfPublicKey(), make([]byte, derp.MaxPacketSize+1)); err != nil {
+			t.Fatalf("Send: %v", err)
+		}
+		if err := waitFor(ctx, "the relay to close the connection", func() bool { return len(rc.recvErrors()) > 0 }); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// discoLikePacket is what derper's disco check accepts: the disco magic, a
+// 32-byte sender key and a 24-byte nonce (then a sealed box, here junk).
+func discoLikePacket() []byte {
+	p := append([]byte(disco.Magic), make([]byte, 32+24+16)...)
+	crand.Read(p[len(disco.Magic):])
+	return p
 }
 
 // sendAndExpect sends a random packet of size from src to dst and waits for

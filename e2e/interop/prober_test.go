@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -48,13 +47,18 @@ func startRelayRegion(t *testing.T, n int) ([]*relayProc, string) {
 // two-node region of our relays, passes its mesh, bandwidth and STUN probes.
 func TestProber(t *testing.T) {
 	relays, _ := startRelayRegion(t, 2)
-	dm := derpMapOf(relays[0].Node("900a"), relays[1].Node("900b"))
-	b, err := json.Marshal(dm)
+	// The prober insists that the TLS server name equals the node's
+	// HostName, and Go records no server name for an IP address: name the
+	// nodes "localhost" (dialed at their IPv4, trusted by the CertName pin).
+	a, b := relays[0].Node("900a"), relays[1].Node("900b")
+	a.HostName, b.HostName = "localhost", "localhost"
+	dm := derpMapOf(a, b)
+	js, err := json.Marshal(dm)
 	if err != nil {
 		t.Fatal(err)
 	}
 	mapFile := filepath.Join(t.TempDir(), "derpmap.json")
-	if err := os.WriteFile(mapFile, b, 0o644); err != nil {
+	if err := os.WriteFile(mapFile, js, 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -94,9 +98,7 @@ func TestProber(t *testing.T) {
 		delete(want, name)
 	}
 	for name := range want {
-		if !strings.HasSuffix(name, "/udp6") {
-			t.Errorf("probe %s never ran", name)
-		}
+		t.Errorf("probe %s never ran", name)
 	}
 	for _, r := range relays {
 		if got := r.metric(t, "derp_packets_forwarded_out_total") + r.metric(t, "derp_packets_forwarded_in_total"); got == 0 {

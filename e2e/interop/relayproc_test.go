@@ -263,8 +263,7 @@ func (r *relayProc) Node(name string) *tailcfg.DERPNode {
 		Name:     name,
 		RegionID: testRegionID,
 		HostName: r.Status.Host,
-		IPv4:     r.Status.Host,
-		IPv6:     "none",
+		IPv4:     r.Status.Host, // dial this address; HostName is only the TLS name
 		DERPPort: r.Status.DERPPort,
 		STUNPort: r.Status.STUNPort,
 		CertName: r.Status.CertName,
