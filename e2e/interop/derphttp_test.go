@@ -3,13 +3,17 @@ package interop
 import (
 	"bytes"
 	crand "crypto/rand"
+	"crypto/tls"
 	"net/http"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
 	"tailscale.com/derp"
-	"tailscale.com/disco"
+	"tailscale.com/derp/derpconst"
 	"tailscale.com/derp/derphttp"
+	"tailscale.com/disco"
 	"tailscale.com/types/key"
 )
 
@@ -69,6 +73,9 @@ func exerciseClientPair(t *testing.T, relay *relayProc) {
 		if got := c.ServerPublicKey(); got != serverKey {
 			t.Fatalf("server key from handshake %v, status file says %v", got, serverKey)
 		}
+	}
+	if !builtWithWebsockets || os.Getenv("TS_DEBUG_DERP_WS_CLIENT") == "" {
+		checkMetaCert(t, a, serverKey)
 	}
 	ra := startReceiver(t, "a", a)
 	rb := startReceiver(t, "b", b)
@@ -171,6 +178,32 @@ func discoLikePacket() []byte {
 	p := append([]byte(disco.Magic), make([]byte, 32+24+16)...)
 	crand.Read(p[len(disco.Magic):])
 	return p
+}
+
+// checkMetaCert checks that the TLS chain carries derper's "meta
+// certificate" (CN derpkey<hex>, serial = protocol version), which lets
+// derphttp skip waiting for the 101 response (Derp-Fast-Start).
+func checkMetaCert(t *testing.T, c *derphttp.Client, serverKey key.NodePublic) {
+	t.Helper()
+	cs, ok := c.TLSConnectionState()
+	if !ok {
+		t.Fatal("no TLS connection state")
+	}
+	if cs.Version != tls.VersionTLS13 {
+		t.Errorf("TLS version %#x, want TLS 1.3 (derphttp only looks for the meta certificate on 1.3)", cs.Version)
+	}
+	for _, cert := range cs.PeerCertificates {
+		if hexKey, ok := strings.CutPrefix(cert.Subject.CommonName, derpconst.MetaCertCommonNamePrefix); ok {
+			if hexKey != serverKey.UntypedHexString() {
+				t.Errorf("meta certificate names key %s, want %s", hexKey, serverKey.UntypedHexString())
+			}
+			if v := cert.SerialNumber.Int64(); v != derp.ProtocolVersion {
+				t.Errorf("meta certificate serial (protocol version) %d, want %d", v, derp.ProtocolVersion)
+			}
+			return
+		}
+	}
+	t.Errorf("no meta certificate in the TLS chain: derphttp cannot fast-start")
 }
 
 // sendAndExpect sends a random packet of size from src to dst and waits for
