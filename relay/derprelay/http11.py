@@ -69,12 +69,13 @@ def parse_request_head(data: bytes | bytearray) -> tuple[Request, int] | None:
     bytes are needed.  Raises :class:`HttpError` for anything that is not a
     well-formed HTTP/1.x request head.
     """
+    if data and data[0] not in _TOKEN_CHARS:
+        # Fail fast on TLS to a plain port, or binary junk: no need to wait for a head.
+        raise HttpError(400, f"not an HTTP request (starts with byte 0x{data[0]:02x})")
     end = data.find(_HEAD_END)
     if end < 0:
         if len(data) > MAX_REQUEST_HEAD:
             raise HttpError(431, f"request head is over {MAX_REQUEST_HEAD} bytes")
-        if data and data[0] not in _TOKEN_CHARS:
-            raise HttpError(400, f"not an HTTP request (starts with byte 0x{data[0]:02x})")
         return None
     if end > MAX_REQUEST_HEAD:
         raise HttpError(431, f"request head is over {MAX_REQUEST_HEAD} bytes")

@@ -1,0 +1,474 @@
+"""``derp-relay``: flags, key and certificate plumbing, start-up and graceful shutdown.
+
+Flags are named like Tailscale's ``derper`` where the feature is the same, so
+a derper command line mostly carries over.  ``--dev`` runs a complete relay on
+loopback with a self-signed certificate and prints the DERP map to use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import certs, frames, metrics
+from .admission import url_admission
+from .derpmap import DerpMap, DerpNode, DerpRegion
+from .http import HttpSite, start_listener
+from .keys import KeyFormatError, MeshKey, NodePrivateKey, public_key_text
+from .mesh import MeshConfigError, MeshLink, parse_mesh_with
+from .ratelimit import TokenBucket
+from .server import HANDSHAKE_TIMEOUT, SEND_QUEUE_DEPTH, WRITE_TIMEOUT, RateLimit, RelayServer
+from .stunserver import start_stun_server
+
+log = logging.getLogger("derprelay")
+
+VERSION = "0.1.0"
+DEV_ADDR = "127.0.0.1:3340"
+DEV_STUN_PORT = 3478
+DEV_REGION_ID = 900
+SHUTDOWN_GRACE = 1.0
+"""Seconds between the Restarting frame and closing every connection."""
+
+
+class ConfigError(Exception):
+    """The command line or a file it names is unusable; the message says which and why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="derp-relay",
+        description="A DERP relay for Tailscale and Headscale clients (derper-compatible).",
+    )
+    p.add_argument(
+        "--dev", action="store_true", help=f"run on loopback ({DEV_ADDR}), self-signed TLS, print a DERP map"
+    )
+    p.add_argument(
+        "-a", "--addr", default=":443", help="listen address :port, ip:port or [ipv6]:port (port 0: any)"
+    )
+    p.add_argument("--stun-port", type=int, default=3478, help="UDP port for STUN (0: any free port)")
+    p.add_argument("--stun", action=argparse.BooleanOptionalAction, default=True, help="serve STUN")
+    p.add_argument("--hostname", default="", help="TLS host name (default: the listen IP, else localhost)")
+    p.add_argument(
+        "--certmode",
+        choices=("selfsigned", "manual", "none"),
+        default="selfsigned",
+        help="selfsigned: generate (kept in --certdir if given) and pin; manual: <certdir>/<hostname>.crt/.key; "
+        "none: plain HTTP",
+    )
+    p.add_argument(
+        "--certdir", type=Path, help="directory of certificates (manual) or where to keep the self-signed one"
+    )
+    p.add_argument(
+        "--tls-cert-file", type=Path, help="--certmode manual: certificate (chain) PEM, instead of --certdir"
+    )
+    p.add_argument(
+        "--tls-key-file", type=Path, help="--certmode manual: private key PEM, instead of --certdir"
+    )
+    p.add_argument(
+        "-c", "--config", type=Path, help="file keeping the relay's private key (created if missing)"
+    )
+    p.add_argument("--mesh-psk-file", type=Path, help="file holding the region's mesh key (64 hex digits)")
+    p.add_argument(
+        "--mesh-with", default="", help="comma-separated host[:port][/dialhost] of the other region members"
+    )
+    p.add_argument("--mesh-ca-file", type=Path, help="CA bundle that verifies mesh peers' certificates")
+    p.add_argument(
+        "--mesh-tls-insecure", action="store_true", help="do not verify mesh peers' certificates (tests)"
+    )
+    p.add_argument("--verify-client-url", default="", help="admission endpoint to POST each client's key to")
+    p.add_argument(
+        "--verify-client-url-fail-open",
+        type=_parse_bool,
+        default=True,
+        metavar="BOOL",
+        help="admit clients when the admission endpoint is unreachable (default true, as derper)",
+    )
+    p.add_argument(
+        "--accept-connection-limit", type=float, default=math.inf, help="new connections per second"
+    )
+    p.add_argument(
+        "--accept-connection-burst", type=int, default=sys.maxsize, help="burst of new connections"
+    )
+    p.add_argument(
+        "--per-client-rate-limit", type=int, default=0, help="bytes/s each client may send (0: no limit)"
+    )
+    p.add_argument(
+        "--per-client-rate-burst", type=int, default=0, help="burst bytes (default: 2 x the limit)"
+    )
+    p.add_argument(
+        "--tcp-write-timeout", type=float, default=WRITE_TIMEOUT, help="seconds a client may stop reading"
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        help="seconds to finish the HTTP and DERP handshakes",
+    )
+    p.add_argument(
+        "--send-queue-depth", type=int, default=SEND_QUEUE_DEPTH, help="packets queued per slow client"
+    )
+    p.add_argument(
+        "--bootstrap-dns-names", default="", help="comma-separated names answered at /bootstrap-dns"
+    )
+    p.add_argument(
+        "--status-file", type=Path, help="write the relay's URL, ports, key and pin here once listening"
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--version", action="version", version=f"derp-relay {VERSION}")
+    return p
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """Split ``:443``, ``1.2.3.4:443`` or ``[::1]:443`` into host and port."""
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"-a {addr!r}: expected :port, ip:port or [ipv6]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def load_or_create_private_key(path: Path) -> NodePrivateKey:
+    """Read derper's JSON config (``{"PrivateKey": "privkey:…"}``), creating it if absent."""
+    try:
+        doc = json.loads(path.read_text())
+        return NodePrivateKey.from_text(str(doc["PrivateKey"]))
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError, KeyFormatError) as exc:
+        raise ConfigError(
+            f"-c {path}: not a relay key file ({exc}); move it away to generate a new key"
+        ) from None
+    key = NodePrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, json.dumps({"PrivateKey": key.text}, indent="\t").encode(), mode=0o600)
+    log.info("generated a new relay key in %s", path)
+    return key
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_mesh_key(path: Path) -> MeshKey:
+    try:
+        return MeshKey.from_text(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--mesh-psk-file {path}: {exc.strerror}") from None
+    except KeyFormatError as exc:
+        raise ConfigError(f"--mesh-psk-file {path}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The command line, checked and resolved into what the relay runs with."""
+
+    host: str
+    port: int
+    hostname: str
+    stun_port: int | None
+    tls: certs.CertMaterial | None
+    private_key: NodePrivateKey
+    args: argparse.Namespace
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Check the flags together; raise :class:`ConfigError` naming the bad one."""
+    if args.dev:
+        args.addr = DEV_ADDR if args.addr == ":443" else args.addr
+        args.stun_port = DEV_STUN_PORT if args.stun_port == 3478 else args.stun_port
+    host, port = parse_addr(args.addr)
+    hostname = args.hostname or (host if _is_ip(host) else "localhost")
+    if args.config is not None:
+        private_key = load_or_create_private_key(args.config)
+    elif args.dev:
+        private_key = NodePrivateKey.generate()
+    else:
+        raise ConfigError(
+            "-c <key file> is required (the relay's identity must survive restarts); or use --dev"
+        )
+    tls: certs.CertMaterial | None = None
+    try:
+        if args.certmode == "manual":
+            if args.tls_cert_file and args.tls_key_file:
+                tls = certs.load_files(args.tls_cert_file, args.tls_key_file)
+            elif args.certdir is not None:
+                tls = certs.load_manual(args.certdir, hostname)
+            else:
+                raise ConfigError("--certmode manual needs --certdir, or --tls-cert-file and --tls-key-file")
+        elif args.certmode == "selfsigned":
+            tls = certs.load_or_create_self_signed(args.certdir, hostname)
+    except certs.CertError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.mesh_with and args.mesh_psk_file is None:
+        raise ConfigError("--mesh-with needs --mesh-psk-file")
+    if args.per_client_rate_limit < 0 or args.send_queue_depth < 1:
+        raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
+    return Settings(
+        host=host,
+        port=port,
+        hostname=hostname,
+        stun_port=args.stun_port if args.stun else None,
+        tls=tls,
+        private_key=private_key,
+        args=args,
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bootstrap_dns(names: list[str]) -> bytes:
+    """Resolve the configured names now: clients use these when their DNS is broken."""
+    answer: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            continue
+        answer[name] = sorted({str(info[4][0]) for info in infos})
+    return json.dumps(answer).encode()
+
+
+class Relay:
+    """A running relay: listener, STUN, mesh links; started and stopped as a unit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        args = settings.args
+        self.stats = metrics.RelayStats()
+        mesh_key = _read_mesh_key(args.mesh_psk_file) if args.mesh_psk_file else None
+        admission = (
+            url_admission(args.verify_client_url, fail_open=args.verify_client_url_fail_open)
+            if args.verify_client_url
+            else None
+        )
+        rate_limit = None
+        if args.per_client_rate_limit:
+            rate_limit = RateLimit(
+                args.per_client_rate_limit, args.per_client_rate_burst or 2 * args.per_client_rate_limit
+            )
+        self.server = RelayServer(
+            settings.private_key,
+            mesh_key=mesh_key,
+            admission=admission,
+            rate_limit=rate_limit,
+            send_queue_depth=args.send_queue_depth,
+            write_timeout=args.tcp_write_timeout,
+            handshake_timeout=args.handshake_timeout,
+            stats=self.stats,
+        )
+        self.registry = metrics.build_registry(metrics.RelayCollector(self.stats, self.server.gauges))
+        try:
+            self.mesh_peers = parse_mesh_with(args.mesh_with)
+        except MeshConfigError as exc:
+            raise ConfigError(f"--mesh-with: {exc}") from None
+        self._listener: asyncio.Server | None = None
+        self._stun: asyncio.DatagramTransport | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.derp_port = 0
+        self.stun_port = 0
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        material = self.settings.tls
+        if material is None:
+            return None
+        meta = certs.meta_cert_pem(self.server.public_key, frames.PROTOCOL_VERSION)
+        return certs.server_ssl_context(material, meta)
+
+    def _mesh_tls(self) -> ssl.SSLContext | None:
+        ca_file = self.settings.args.mesh_ca_file
+        if ca_file is None:
+            return None
+        try:
+            return ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--mesh-ca-file {ca_file}: {exc}") from None
+
+    async def start(self) -> None:
+        s = self.settings
+        args = s.args
+        accept_limit = None
+        if math.isfinite(args.accept_connection_limit):
+            accept_limit = TokenBucket(
+                args.accept_connection_limit,
+                max(1, args.accept_connection_burst),
+                asyncio.get_running_loop().time(),
+            )
+        names = [n.strip() for n in args.bootstrap_dns_names.split(",") if n.strip()]
+        site = HttpSite(
+            self.server,
+            metrics=lambda: metrics.render(self.registry),
+            bootstrap_dns=lambda: _bootstrap_dns(names),
+            accept_limit=accept_limit,
+        )
+        try:
+            self._listener = await start_listener(site, s.host, s.port, self._ssl_context())
+        except OSError as exc:
+            raise ConfigError(f"-a {args.addr}: cannot listen: {exc.strerror}") from None
+        self.derp_port = self._listener.sockets[0].getsockname()[1]
+        if s.stun_port is not None:
+            try:
+                self._stun = await start_stun_server(s.host, s.stun_port, self.stats)
+            except OSError as exc:
+                raise ConfigError(f"--stun-port {s.stun_port}: cannot listen: {exc.strerror}") from None
+            self.stun_port = self._stun.get_extra_info("sockname")[1]
+        mesh_tls = self._mesh_tls()
+        for peer in self.mesh_peers:
+            if peer.host in (s.hostname, f"{s.hostname}:{self.derp_port}"):
+                log.info("mesh: skipping %s, that is this relay", peer.host)
+                continue
+            link = MeshLink(self.server, peer, mesh_tls, insecure=args.mesh_tls_insecure)
+            self._tasks.append(asyncio.create_task(link.run(), name=f"mesh {peer.host}"))
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.tls else "http"
+        host = self.settings.host or self.settings.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.derp_port}/derp"
+
+    def status(self) -> dict[str, Any]:
+        """What tests, the demo and operators need to reach this relay."""
+        s = self.settings
+        return {
+            "url": self.url,
+            "host": s.host or s.hostname,
+            "hostname": s.hostname,
+            "derpPort": self.derp_port,
+            "stunPort": self.stun_port,
+            "publicKey": public_key_text(self.server.public_key),
+            "certName": s.tls.cert_name if s.tls else "",
+            "tls": s.tls is not None,
+            "pid": os.getpid(),
+        }
+
+    def derp_map(self) -> DerpMap:
+        s = self.settings
+        host = s.host or "127.0.0.1"
+        node = DerpNode(
+            name=f"{DEV_REGION_ID}a",
+            region_id=DEV_REGION_ID,
+            host_name=s.hostname,
+            ipv4=host if _is_ip(host) and ":" not in host else "",
+            ipv6=host if ":" in host else "",
+            derp_port=self.derp_port,
+            stun_port=self.stun_port if self._stun else -1,
+            cert_name=s.tls.cert_name if s.tls else "",
+        )
+        return DerpMap((DerpRegion(DEV_REGION_ID, "dev", "derp-relay dev", (node,)),))
+
+    async def stop(self) -> None:
+        """Stop accepting, tell clients we are restarting, then close everything."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._stun is not None:
+            self._stun.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.shutdown(SHUTDOWN_GRACE)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+
+def _announce(relay: Relay, dev: bool) -> None:
+    status = relay.status()
+    log.info("DERP on %s, server key %s", status["url"], status["publicKey"])
+    if relay.stun_port:
+        log.info("STUN on udp port %d", relay.stun_port)
+    if status["certName"]:
+        log.info("TLS: self-signed/pinned certificate %s", status["certName"])
+    if dev:
+        print(
+            f"derp-relay (dev) is running.\n"
+            f"  DERP: {status['url']}\n"
+            f"  STUN: {relay.settings.host}:{relay.stun_port}/udp\n"
+            f"  key:  {status['publicKey']}\n"
+            f"  pin:  {status['certName'] or '(plain HTTP)'}\n"
+            f"DERP map for this relay (Headscale derp.paths, or a Tailscale policy's derpMap):\n"
+            f"{relay.derp_map().dumps()}"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
+
+
+async def serve(settings: Settings) -> None:
+    relay = Relay(settings)
+    await relay.start()
+    args = settings.args
+    if args.status_file is not None:
+        _write_atomically(args.status_file, json.dumps(relay.status(), indent=2).encode())
+    _announce(relay, args.dev)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: telling %d clients to reconnect", relay.server.gauges().current_connections)
+    await relay.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = resolve(args)
+        runner: Any
+        try:
+            import uvloop  # noqa: PLC0415 - optional speed-up
+
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        runner(serve(settings))
+    except ConfigError as exc:
+        print(f"derp-relay: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

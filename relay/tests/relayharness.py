@@ -1,0 +1,183 @@
+"""A harness that runs ``derp-relay`` as a real process on loopback, and its fixtures.
+
+Every relay gets its own temporary key file, certificate directory and
+ephemeral ports; the status file it writes tells the test where it listens.
+Relays are stopped with SIGTERM (the graceful path) and killed if they linger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from derprelay import frames as f
+from derprelay.client import DerpClient, Endpoint, connect
+from derprelay.keys import MeshKey, NodePrivateKey
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class RelayProcess:
+    """A running relay: its command line, process, status file's content and log."""
+
+    args: list[str]
+    workdir: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+    status: dict[str, Any] = field(init=False)
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "relay.log"
+
+    def launch(self) -> None:
+        """Start the command line and wait for its status file."""
+        status_path = self.workdir / "status.json"
+        status_path.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not status_path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"relay did not start (exit {self.process.poll()}):\n{self.log()}")
+            time.sleep(0.05)
+        self.status = json.loads(status_path.read_text())
+
+    def restart(self) -> None:
+        """Stop gracefully and start again with the same key, certificate and ports."""
+        self.stop()
+        self.launch()
+
+    @property
+    def url(self) -> str:
+        return str(self.status["url"])
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.url, cert_name=str(self.status["certName"]))
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes.fromhex(str(self.status["publicKey"]).removeprefix("nodekey:"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, wait for a graceful exit; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        return self.process.returncode
+
+
+def start_relay(workdir: Path, *extra: str) -> RelayProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [
+        sys.executable,
+        "-m",
+        "derprelay.cli",
+        "-a",
+        "127.0.0.1:0",
+        "--stun-port",
+        "0",
+        "--hostname",
+        "127.0.0.1",
+        "--certdir",
+        str(workdir / "certs"),
+        "-c",
+        str(workdir / "derper.key"),
+        "--status-file",
+        str(workdir / "status.json"),
+        "--log-level",
+        "debug",
+        *extra,
+    ]
+    relay = RelayProcess(args, workdir)
+    relay.launch()
+    return relay
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """Start relays with extra flags; all are stopped after the test."""
+    started: list[RelayProcess] = []
+
+    def factory(*extra: str, name: str = "relay") -> RelayProcess:
+        relay = start_relay(tmp_path / name, *extra)
+        started.append(relay)
+        return relay
+
+    yield factory
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture
+def relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    return relay_factory()
+
+
+@pytest.fixture
+def mesh_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mesh.key"
+    path.write_text(MeshKey.generate().text + "\n")
+    return path
+
+
+async def new_client(relay: RelayProcess, **kwargs: Any) -> tuple[DerpClient, NodePrivateKey]:
+    key = NodePrivateKey.generate()
+    return await connect(relay.endpoint, key, **kwargs), key
+
+
+RECV_TIMEOUT = 10.0
+
+
+def metric(relay: RelayProcess, name: str, labels: str = "") -> float:
+    """Read one value from the relay's /metrics (loopback, so allowed)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    url = relay.url.removesuffix("/derp") + "/metrics"
+    with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+        text = answer.read().decode()
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def recv_matching(client: DerpClient, kind: type[f.Frame]) -> f.Frame:
+    async def loop() -> f.Frame:
+        while True:
+            frame = await client.recv()
+            if isinstance(frame, kind):
+                return frame
+
+    return await asyncio.wait_for(loop(), RECV_TIMEOUT)
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = RECV_TIMEOUT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,89 @@
+"""Two relays meshed with one key: their clients reach each other, across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from derprelay import certs
+from derprelay.client import DerpClient, connect
+from derprelay.keys import NodePrivateKey
+from relayharness import RelayProcess
+
+DELIVERY_TIMEOUT = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload: bytes) -> None:
+    """Send until it arrives: mesh membership is learned asynchronously."""
+
+    async def attempt() -> None:
+        while True:
+            await sender.send(dest, payload)
+            try:
+                got = await asyncio.wait_for(receiver.recv_packet(), 0.5)
+            except TimeoutError:
+                continue
+            if got.packet == payload:
+                return
+
+    await asyncio.wait_for(attempt(), DELIVERY_TIMEOUT)
+
+
+def start_pair(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
+) -> tuple[RelayProcess, RelayProcess]:
+    # Certificates first, so each relay can verify the other through one CA bundle.
+    bundle = tmp_path / "mesh-ca.pem"
+    pems = [
+        certs.load_or_create_self_signed(tmp_path / name / "certs", "127.0.0.1").cert_pem
+        for name in ("a", "b")
+    ]
+    bundle.write_bytes(b"".join(pems))
+    mesh_with = ",".join(f"127.0.0.1:{port}" for port in ports)
+    relays = []
+    for name, port in zip(("a", "b"), ports, strict=True):
+        relays.append(
+            relay_factory(
+                "-a",
+                f"127.0.0.1:{port}",
+                "--mesh-psk-file",
+                str(mesh_key_file),
+                "--mesh-with",
+                mesh_with,
+                "--mesh-ca-file",
+                str(bundle),
+                name=name,
+            )
+        )
+    return relays[0], relays[1]
+
+
+async def test_meshed_relays_forward_both_ways_and_survive_a_restart(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path
+) -> None:
+    ports = (free_port(), free_port())
+    relay_a, relay_b = start_pair(relay_factory, tmp_path, mesh_key_file, ports)
+    key_1, key_2 = NodePrivateKey.generate(), NodePrivateKey.generate()
+    client_1 = await connect(relay_a.endpoint, key_1)
+    client_2 = await connect(relay_b.endpoint, key_2)
+    try:
+        await deliver(client_1, client_2, key_2.public, b"a-to-b")
+        await deliver(client_2, client_1, key_1.public, b"b-to-a")
+        # Relay B goes away and comes back on the same address: forwarding resumes.
+        assert relay_b.stop() == 0
+        await client_2.close()
+        relay_b.restart()
+        client_2 = await connect(relay_b.endpoint, key_2)
+        await deliver(client_1, client_2, key_2.public, b"after-restart")
+        await deliver(client_2, client_1, key_1.public, b"and-back")
+    finally:
+        await client_1.close()
+        await client_2.close()
