@@ -206,8 +206,10 @@ async def connect(
         )
     except TimeoutError:
         raise DerpClientError(f"{endpoint.url}: no DERP handshake within {timeout:.0f}s") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise DerpClientError(f"{endpoint.url}: {exc}") from None
+    except (OSError, ssl.SSLError, EOFError) as exc:
+        raise DerpClientError(f"{endpoint.url}: {exc or type(exc).__name__}") from None
+    except f.ProtocolError as exc:
+        raise DerpClientError(f"{endpoint.url}: server broke the DERP protocol: {exc}") from None
 
 
 async def _connect(

@@ -235,7 +235,7 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._reply(request, 404, [("Content-Type", "text/plain")], b"not found\n")
 
     def _debug(self, request: http11.Request) -> None:
-        if not _is_loopback(self._peer[0]):
+        if not is_loopback(self._peer[0]):
             self._reply(
                 request, 403, [("Content-Type", "text/plain")], b"debug endpoints are loopback-only\n"
             )
@@ -343,7 +343,7 @@ def _no_content_headers(challenge: str) -> list[tuple[str, str]]:
     return headers
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

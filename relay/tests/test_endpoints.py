@@ -17,6 +17,7 @@ from typing import ClassVar
 import pytest
 from derprelay import frames as f
 from derprelay.client import DerpClientError, connect
+from derprelay.http import is_loopback
 from derprelay.keys import NodePrivateKey, public_key_text
 from relayharness import RECV_TIMEOUT, RelayProcess, metric
 
@@ -133,3 +134,30 @@ async def test_unreachable_admission_endpoint(
         with pytest.raises(DerpClientError, match="closed"):
             await connect(relay.endpoint, key)
         assert "admission endpoint unreachable" in relay.log()
+
+
+async def test_accept_rate_limit_turns_away_the_excess(relay_factory: Callable[..., RelayProcess]) -> None:
+    relay = relay_factory("--accept-connection-limit", "1", "--accept-connection-burst", "2")
+    key = NodePrivateKey.generate()
+    kept = [await connect(relay.endpoint, key), await connect(relay.endpoint, key)]
+    with pytest.raises(DerpClientError):
+        await connect(relay.endpoint, key)
+    for client in kept:
+        await client.close()
+    await asyncio.sleep(1.2)  # earn a token for the metrics request itself
+    assert metric(relay, "derp_connections_closed_total", 'reason="accept_rate_limited"') == 1
+
+
+@pytest.mark.parametrize(
+    ("peer", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.1.2.3", False),
+        ("", False),
+    ],
+)
+def test_debug_endpoints_are_for_loopback_peers_only(peer: str, allowed: bool) -> None:
+    assert is_loopback(peer) is allowed
