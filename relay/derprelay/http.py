@@ -137,7 +137,7 @@ class RelayHttpProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self._phase is _Phase.WEBSOCKET:
-            transport.write(ws.encode_frame(ws.OP_BINARY, b"".join(data)))
+            transport.write(ws.encode_stream(b"".join(data)))
         else:
             transport.write(b"".join(data) if len(data) > 1 else data[0])
 

@@ -25,6 +25,9 @@ SUBPROTOCOL = "derp"
 MAX_MESSAGE_FRAME = 1 << 20
 """Largest WebSocket frame payload we buffer (a DERP frame is at most ~64 KiB)."""
 
+MAX_SENT_MESSAGE = 16 * 1024
+"""Largest message we send: Tailscale's WebSocket client reads at most 32 KiB per message."""
+
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -99,6 +102,17 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool = False) -> bytes:
         return head + payload
     key = os.urandom(4)
     return head + key + _apply_mask(payload, key)
+
+
+def encode_stream(data: bytes) -> bytes:
+    """Stream bytes as binary messages small enough for every client's read limit."""
+    if len(data) <= MAX_SENT_MESSAGE:
+        return encode_frame(OP_BINARY, data)
+    view = memoryview(data)
+    return b"".join(
+        encode_frame(OP_BINARY, bytes(view[start : start + MAX_SENT_MESSAGE]))
+        for start in range(0, len(data), MAX_SENT_MESSAGE)
+    )
 
 
 def encode_close(code: int, reason: str = "") -> bytes:

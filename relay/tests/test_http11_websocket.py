@@ -86,6 +86,15 @@ def test_websocket_rfc6455_masked_hello_vector() -> None:
         list(decoder.events())  # a text "Hello": DERP refuses text frames
 
 
+def test_websocket_stream_is_split_into_small_messages() -> None:
+    data = bytes(i % 256 for i in range(70_000))
+    decoder = ws.WebSocketDecoder(expect_masked=False)
+    decoder.receive_data(ws.encode_stream(data))
+    events = list(decoder.events())
+    assert all(isinstance(e, ws.Data) and len(e.payload) <= ws.MAX_SENT_MESSAGE for e in events)
+    assert b"".join(e.payload for e in events if isinstance(e, ws.Data)) == data
+
+
 def test_websocket_control_frames_and_rules() -> None:
     decoder = ws.WebSocketDecoder(expect_masked=True)
     decoder.receive_data(ws.encode_frame(ws.OP_PING, b"p", mask=True))
