@@ -326,6 +326,9 @@ Frame = (
 
 KEEP_ALIVE_FRAME = _HEADER.pack(FrameType.KEEP_ALIVE, 0)
 
+RECV_PACKET_OVERHEAD = FRAME_HEADER_LEN + KEY_LEN
+"""Bytes a RecvPacket frame adds to the packet it carries."""
+
 
 def encode_recv_packet(source: bytes, packet: bytes | memoryview) -> bytes:
     """Hot path: the RecvPacket frame for ``packet`` from ``source``, one allocation."""
@@ -356,11 +359,10 @@ def _parse_packet_len(frame_type: FrameType, length: int) -> None:
 
 def parse_frame(frame_type: int, payload: bytes) -> Frame:
     """Turn one frame's type and payload into its event, checking its layout."""
-    try:
-        known = FrameType(frame_type)
-    except ValueError:
+    entry = _BY_NUMBER.get(frame_type)
+    if entry is None:
         return UnknownFrame(frame_type, payload)
-    parser = _PARSERS[known]
+    known, parser = entry
     return parser(known, payload)
 
 
@@ -481,6 +483,9 @@ _PARSERS = {
     FrameType.HEALTH: _parse_health,
     FrameType.RESTARTING: _parse_restarting,
 }
+
+# Keyed by plain int: constructing the enum per frame costs more than parsing it.
+_BY_NUMBER = {int(t): (t, parser) for t, parser in _PARSERS.items()}
 
 
 class FrameDecoder:

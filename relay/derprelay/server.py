@@ -590,7 +590,7 @@ class ClientConnection:
         packets = self._packets
         if self._writing_paused and len(packets) >= self.server.send_queue_depth:
             dropped = packets.popleft()
-            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped) - 5 - KEY_LEN)
+            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped) - f.RECV_PACKET_OVERHEAD)
         packets.append(f.encode_recv_packet(source, packet))
         self._schedule_flush()
 
@@ -627,7 +627,7 @@ class ClientConnection:
             stats = self.server.stats
             count = len(self._packets)
             stats.packets_sent += count
-            stats.bytes_sent += sum(map(len, self._packets)) - count * (5 + KEY_LEN)
+            stats.bytes_sent += sum(map(len, self._packets)) - count * f.RECV_PACKET_OVERHEAD
             batch.extend(self._packets)
             self._packets.clear()
         if batch:
@@ -676,9 +676,8 @@ class ClientConnection:
             if timer is not None:
                 timer.cancel()
         self._handshake_deadline = self._write_deadline = self._keep_alive = None
-        dropped = len(self._packets)
-        if dropped:
-            self.server.stats.packets_dropped[DropReason.GONE_DISCONNECTED] += dropped
+        for frame in self._packets:
+            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(frame) - f.RECV_PACKET_OVERHEAD)
         self._packets.clear()
         self._control.clear()
         self.server.stats.connections_closed[reason.value] += 1
