@@ -54,10 +54,9 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 HOSTNAME_PLACEHOLDERS = ("{ordinal}", "{index}", "{letter}")
 """``{ordinal}``: the pod ordinal 0, 1, …; ``{index}``: ordinal + 1; ``{letter}``: a, b, … (as in 900a)."""
 
-HOSTNAME_TEMPLATE_PATTERN = r"^[a-z0-9.{}-]{1,253}$"
-_DNS_NAME = re.compile(
-    r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
-)
+HOSTNAME_TEMPLATE_PATTERN = r"^[a-z0-9.{}-]+$"
+MAX_HOSTNAME_LENGTH = 253
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 _URL = re.compile(r"^https?://\S+$")
 
@@ -177,6 +176,8 @@ def render_hostname(template: str, ordinal: int) -> str:
 
 
 def _hostname_template_problems(template: str) -> list[str]:
+    if len(template) > MAX_HOSTNAME_LENGTH:
+        return [f"must be at most {MAX_HOSTNAME_LENGTH} characters"]
     unknown = sorted(set(_PLACEHOLDER.findall(template)) - set(HOSTNAME_PLACEHOLDERS))
     if unknown:
         return [f"unknown placeholder(s) {', '.join(unknown)}; use {', '.join(HOSTNAME_PLACEHOLDERS)}"]

@@ -59,8 +59,10 @@ def selector_labels(ref: RegionRef) -> dict[str, str]:
 
 
 def labels(ref: RegionRef) -> dict[str, str]:
+    """Labels on everything a region owns; a superset of :func:`selector_labels`."""
     return {
-        **selector_labels(ref),
+        "app.kubernetes.io/name": APP_NAME,
         "app.kubernetes.io/instance": ref.name,
         "app.kubernetes.io/managed-by": MANAGER,
+        REGION_LABEL: ref.name,
     }

@@ -57,12 +57,11 @@ def owner_reference(ref: RegionRef) -> dict[str, Any]:
 
 
 def _metadata(ref: RegionRef, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": ref.namespace,
-        "labels": labels(ref),
-        "ownerReferences": [owner_reference(ref)],
-    }
+    """Common metadata; rendered offline there is no uid to own by, and no ownerReference."""
+    meta: dict[str, Any] = {"name": name, "namespace": ref.namespace, "labels": labels(ref)}
+    if ref.uid:
+        meta["ownerReferences"] = [owner_reference(ref)]
+    return meta
 
 
 def _b64(data: bytes) -> str:
@@ -303,7 +302,7 @@ def render_statefulset(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
             "serviceName": mesh_service_name(ref),
             # Relays don't depend on each other to start: bring them all up at once.
             "podManagementPolicy": "Parallel",
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": selector_labels(ref)},
             "template": {"metadata": {"labels": labels(ref)}, "spec": pod_spec},
         },
