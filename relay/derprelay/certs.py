@@ -69,8 +69,24 @@ class CertMaterial:
         return PIN_PREFIX + hashlib.sha256(der).hexdigest()
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+def _self_issued(
+    name: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey,
+    serial: int,
+    valid_before_now: datetime.timedelta,
+    valid_after_now: datetime.timedelta,
+) -> x509.CertificateBuilder:
+    """A builder for a certificate that is its own issuer, valid around now."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(now - valid_before_now)
+        .not_valid_after(now + valid_after_now)
+    )
 
 
 def _subject_alt_names(names: list[str]) -> x509.SubjectAlternativeName:
@@ -94,15 +110,8 @@ def generate_self_signed(hostname: str, *extra_names: str) -> CertMaterial:
             x509.NameAttribute(NameOID.COMMON_NAME, hostname),
         ]
     )
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + SELF_SIGNED_VALIDITY)
+        _self_issued(name, key.public_key(), x509.random_serial_number(), BACKDATE, SELF_SIGNED_VALIDITY)
         .add_extension(_subject_alt_names([hostname, *extra_names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -189,15 +198,8 @@ def meta_cert_pem(server_public_key: bytes, protocol_version: int) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name, _validate=False)])
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(protocol_version)
-        .not_valid_before(now - META_CERT_VALIDITY)
-        .not_valid_after(now + META_CERT_VALIDITY)
+        _self_issued(name, key.public_key(), protocol_version, META_CERT_VALIDITY, META_CERT_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
         .sign(key, None)
     )
