@@ -38,7 +38,7 @@ def find_region_id_conflicts(regions: Iterable[RegionClaim]) -> dict[RegionKey, 
         holder = holders.setdefault(region.region_id, region)
         if holder is not region:
             losers[(region.namespace, region.name)] = (
-                f"regionID {region.region_id} is already used by DerpRegion {holder.namespace}/{holder.name} "
-                f"(created earlier); choose another regionID — this region stays out of the DERP map until then"
+                f"regionID {region.region_id} is already used by DerpRegion {holder.namespace}/{holder.name}, "
+                f"which claimed it first; choose another regionID — this region stays out of the DERP map until then"
             )
     return losers

@@ -154,7 +154,7 @@ def test_oldest_region_keeps_its_id() -> None:
     losers = find_region_id_conflicts([newer, other, old, tie])
     assert set(losers) == {("derp", "aaa"), ("derp", "zzz")}
     assert losers[("derp", "aaa")].startswith(
-        "regionID 900 is already used by DerpRegion alpha/bbb (created earlier)"
+        "regionID 900 is already used by DerpRegion alpha/bbb, which claimed it first"
     )
     assert "choose another regionID" in losers[("derp", "zzz")]
     assert find_region_id_conflicts([old, other]) == {}
