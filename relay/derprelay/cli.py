@@ -29,7 +29,7 @@ from .admission import url_admission
 from .derpmap import DerpMap, DerpNode, DerpRegion
 from .http import HttpSite, start_listener
 from .keys import KeyFormatError, MeshKey, NodePrivateKey, public_key_text
-from .mesh import MeshConfigError, MeshLink, parse_mesh_with
+from .mesh import Mesh, MeshConfigError, parse_mesh_with
 from .ratelimit import TokenBucket
 from .server import HANDSHAKE_TIMEOUT, SEND_QUEUE_DEPTH, WRITE_TIMEOUT, RateLimit, RelayServer
 from .stunserver import start_stun_server
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh-psk-file", type=Path, help="file holding the region's mesh key (64 hex digits)")
     p.add_argument(
         "--mesh-with", default="", help="comma-separated host[:port][/dialhost] of the other region members"
+    )
+    p.add_argument(
+        "--mesh-with-file",
+        type=Path,
+        help="file listing mesh peers like --mesh-with (commas or lines), re-read when it changes",
     )
     p.add_argument("--mesh-ca-file", type=Path, help="CA bundle that verifies mesh peers' certificates")
     p.add_argument(
@@ -232,8 +237,8 @@ def resolve(args: argparse.Namespace) -> Settings:
             tls = certs.load_or_create_self_signed(args.certdir, hostname)
     except certs.CertError as exc:
         raise ConfigError(str(exc)) from None
-    if args.mesh_with and args.mesh_psk_file is None:
-        raise ConfigError("--mesh-with needs --mesh-psk-file")
+    if (args.mesh_with or args.mesh_with_file) and args.mesh_psk_file is None:
+        raise ConfigError("--mesh-with and --mesh-with-file need --mesh-psk-file")
     if args.per_client_rate_limit < 0 or args.send_queue_depth < 1:
         raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
     return Settings(
@@ -303,6 +308,7 @@ class Relay:
         self._listener: asyncio.Server | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._mesh: Mesh | None = None
         self.derp_port = 0
         self.stun_port = 0
 
@@ -350,13 +356,17 @@ class Relay:
             except OSError as exc:
                 raise ConfigError(f"--stun-port {s.stun_port}: cannot listen: {exc.strerror}") from None
             self.stun_port = self._stun.get_extra_info("sockname")[1]
-        mesh_tls = self._mesh_tls()
-        for peer in self.mesh_peers:
-            if peer.host in (s.hostname, f"{s.hostname}:{self.derp_port}"):
-                log.info("mesh: skipping %s, that is this relay", peer.host)
-                continue
-            link = MeshLink(self.server, peer, mesh_tls, insecure=args.mesh_tls_insecure)
-            self._tasks.append(asyncio.create_task(link.run(), name=f"mesh {peer.host}"))
+        self._mesh = Mesh(
+            self.server,
+            self._mesh_tls(),
+            insecure=args.mesh_tls_insecure,
+            own_hosts=frozenset((s.hostname, f"{s.hostname}:{self.derp_port}")),
+        )
+        if args.mesh_with_file is not None:
+            follow = self._mesh.follow_file(args.mesh_with_file, self.mesh_peers)
+            self._tasks.append(asyncio.create_task(follow, name="mesh peers file"))
+        else:
+            self._mesh.set_peers(self.mesh_peers)
 
     @property
     def url(self) -> str:
@@ -405,6 +415,8 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._mesh is not None:
+            await self._mesh.close()
         await self.server.shutdown(SHUTDOWN_GRACE)
         if self._listener is not None:
             await self._listener.wait_closed()

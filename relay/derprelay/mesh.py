@@ -14,6 +14,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import frames as f
 from .client import DerpClient, DerpClientError, Endpoint, connect
@@ -138,3 +139,63 @@ def _dial_address(peer: MeshPeer) -> str:
     if host.startswith("[") and "]" in host:
         return host[1 : host.index("]")]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+MESH_FILE_POLL = 5.0
+"""Seconds between looks at ``--mesh-with-file`` (a mounted ConfigMap changes in place)."""
+
+
+class Mesh:
+    """Every link of this relay: started, stopped and re-planned as the peer list changes."""
+
+    def __init__(
+        self,
+        server: RelayServer,
+        tls: ssl.SSLContext | None,
+        *,
+        insecure: bool,
+        own_hosts: frozenset[str],
+    ) -> None:
+        self._server = server
+        self._tls = tls
+        self._insecure = insecure
+        self._own_hosts = own_hosts
+        self._links: dict[MeshPeer, asyncio.Task[None]] = {}
+
+    @property
+    def peers(self) -> list[MeshPeer]:
+        return list(self._links)
+
+    def set_peers(self, peers: list[MeshPeer]) -> None:
+        """Dial new peers, hang up on the ones no longer listed; keep the rest as they are."""
+        wanted = {peer for peer in peers if peer.host not in self._own_hosts}
+        for peer in set(self._links) - wanted:
+            log.info("mesh %s: no longer a peer; hanging up", peer.host)
+            self._links.pop(peer).cancel()
+        for peer in wanted - set(self._links):
+            link = MeshLink(self._server, peer, self._tls, self._insecure)
+            self._links[peer] = asyncio.create_task(link.run(), name=f"mesh {peer.host}")
+
+    async def follow_file(self, path: Path, extra: list[MeshPeer]) -> None:
+        """Keep the links in step with ``path`` (plus ``extra``) until cancelled."""
+        last: str | None = None
+        while True:
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                log.warning("mesh peers file %s: %s; keeping %d links", path, exc.strerror, len(self._links))
+            else:
+                if text != last:
+                    try:
+                        self.set_peers(extra + parse_mesh_with(text.replace("\n", ",")))
+                        last = text
+                    except MeshConfigError as exc:
+                        log.warning("mesh peers file %s: %s; keeping %d links", path, exc, len(self._links))
+            await asyncio.sleep(MESH_FILE_POLL)
+
+    async def close(self) -> None:
+        tasks = list(self._links.values())
+        self._links.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -37,16 +37,21 @@ async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload
     await asyncio.wait_for(attempt(), DELIVERY_TIMEOUT)
 
 
-def start_pair(
-    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
-) -> tuple[RelayProcess, RelayProcess]:
-    # Certificates first, so each relay can verify the other through one CA bundle.
+def write_ca_bundle(tmp_path: Path) -> Path:
+    """Make relays a and b's certificates up front, so each can verify the other through one bundle."""
     bundle = tmp_path / "mesh-ca.pem"
     pems = [
         certs.load_or_create_self_signed(tmp_path / name / "certs", "127.0.0.1").cert_pem
         for name in ("a", "b")
     ]
     bundle.write_bytes(b"".join(pems))
+    return bundle
+
+
+def start_pair(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
+) -> tuple[RelayProcess, RelayProcess]:
+    bundle = write_ca_bundle(tmp_path)
     mesh_with = ",".join(f"127.0.0.1:{port}" for port in ports)
     relays = []
     for name, port in zip(("a", "b"), ports, strict=True):
@@ -87,3 +92,35 @@ async def test_meshed_relays_forward_both_ways_and_survive_a_restart(
     finally:
         await client_1.close()
         await client_2.close()
+
+
+async def test_mesh_peers_file_is_followed(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path
+) -> None:
+    """Peers listed in --mesh-with-file are dialled once the file names them."""
+    ports = (free_port(), free_port())
+    bundle = write_ca_bundle(tmp_path)
+    peers_file = tmp_path / "peers"
+    peers_file.write_text("")  # nobody yet: a region of one
+    relays = [
+        relay_factory(
+            "-a",
+            f"127.0.0.1:{port}",
+            "--mesh-psk-file",
+            str(mesh_key_file),
+            "--mesh-with-file",
+            str(peers_file),
+            "--mesh-ca-file",
+            str(bundle),
+            name=name,
+        )
+        for name, port in zip(("a", "b"), ports, strict=True)
+    ]
+    key_1, key_2 = NodePrivateKey.generate(), NodePrivateKey.generate()
+    async with (
+        await connect(relays[0].endpoint, key_1) as client_1,
+        await connect(relays[1].endpoint, key_2) as client_2,
+    ):
+        peers_file.write_text("".join(f"127.0.0.1:{port}\n" for port in ports))
+        await deliver(client_1, client_2, key_2.public, b"via-file")
+        await deliver(client_2, client_1, key_1.public, b"and-back")
