@@ -56,6 +56,8 @@ HOSTNAME_PLACEHOLDERS = ("{ordinal}", "{index}", "{letter}")
 
 HOSTNAME_TEMPLATE_PATTERN = r"^[a-z0-9.{}-]+$"
 MAX_HOSTNAME_LENGTH = 253
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+MAX_REGION_NAME_LENGTH = 128
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 _URL = re.compile(r"^https?://\S+$")
@@ -176,8 +178,6 @@ def render_hostname(template: str, ordinal: int) -> str:
 
 
 def _hostname_template_problems(template: str) -> list[str]:
-    if len(template) > MAX_HOSTNAME_LENGTH:
-        return [f"must be at most {MAX_HOSTNAME_LENGTH} characters"]
     unknown = sorted(set(_PLACEHOLDER.findall(template)) - set(HOSTNAME_PLACEHOLDERS))
     if unknown:
         return [f"unknown placeholder(s) {', '.join(unknown)}; use {', '.join(HOSTNAME_PLACEHOLDERS)}"]
@@ -221,9 +221,6 @@ class _Fields:
         self.seen.add(key)
         return self.doc.get(key)
 
-    def has(self, key: str) -> bool:
-        return self.doc.get(key) is not None
-
     def integer(self, key: str, default: int | None, low: int, high: int) -> int:
         value = self._get(key)
         if value is None:
@@ -258,14 +255,18 @@ class _Fields:
             return default
         return value
 
-    def string(self, key: str, default: str | None = None, pattern: str | None = None) -> str | None:
+    def string(
+        self, key: str, default: str | None = None, pattern: str | None = None, max_length: int | None = None
+    ) -> str | None:
         value = self._get(key)
         if value is None:
             return default
         if not isinstance(value, str):
             self.fail(key, f"must be a string, got {value!r}")
             return default
-        if pattern is not None and not re.fullmatch(pattern, value):
+        if max_length is not None and len(value) > max_length:
+            self.fail(key, f"must be at most {max_length} characters")
+        elif pattern is not None and not re.fullmatch(pattern, value):
             self.fail(key, f"{value!r} does not match {pattern}")
         return value
 
@@ -283,8 +284,13 @@ class _Fields:
         return value
 
     def child(self, key: str) -> _Fields:
+        """A nested object; absent means empty, as the CRD's ``default: {}`` makes it."""
         value = self._get(key)
         return _Fields({} if value is None else value, f"{self.path}.{key}", self.problems)
+
+    def optional_child(self, key: str) -> _Fields | None:
+        """A nested object whose absence means "feature off" (no CRD default)."""
+        return None if self.doc.get(key) is None else self.child(key)
 
     def json_object(self, key: str, default: Mapping[str, Any] | None = None) -> dict[str, Any]:
         value = self._get(key)
@@ -319,20 +325,17 @@ class _Fields:
 
 def _parse_tls(f: _Fields) -> TlsSpec:
     mode = TlsMode(f.choice("mode", TlsMode.SELF_SIGNED, tuple(TlsMode)))
-    secret_name = f.string("secretName", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    secret_name = f.string("secretName", pattern=SECRET_NAME_PATTERN, max_length=MAX_HOSTNAME_LENGTH)
     if (secret_name is not None) != (mode is TlsMode.SECRET):
         f.fail("secretName", "is set exactly when mode is secret")
     issuer_ref = None
-    if f.has("issuerRef"):
-        r = f.child("issuerRef")
+    if (r := f.optional_child("issuerRef")) is not None:
         issuer_ref = IssuerRef(
             name=r.required_string("name"),
             kind=r.string("kind", DEFAULT_ISSUER_KIND) or DEFAULT_ISSUER_KIND,
             group=r.string("group", DEFAULT_ISSUER_GROUP) or DEFAULT_ISSUER_GROUP,
         )
         r.reject_unknown()
-    else:
-        f.seen.add("issuerRef")
     if (issuer_ref is not None) != (mode is TlsMode.CERT_MANAGER):
         f.fail("issuerRef", "is set exactly when mode is certManager")
     f.reject_unknown()
@@ -364,10 +367,10 @@ def parse_region_spec(spec: object, path: str = "spec") -> DerpRegionSpec:
     f = _Fields(spec, path, problems)
     region_id = f.integer("regionID", None, MIN_REGION_ID, MAX_REGION_ID)
     region_code = f.required_string("regionCode", REGION_CODE_PATTERN)
-    region_name = f.string("regionName", "") or ""
+    region_name = f.string("regionName", "", max_length=MAX_REGION_NAME_LENGTH) or ""
     replicas = f.integer("replicas", DEFAULT_REPLICAS, 1, MAX_REPLICAS)
-    template = f.string("hostnameTemplate", pattern=HOSTNAME_TEMPLATE_PATTERN)
-    if template is not None:
+    template = f.string("hostnameTemplate", pattern=HOSTNAME_TEMPLATE_PATTERN, max_length=MAX_HOSTNAME_LENGTH)
+    if template is not None and len(template) <= MAX_HOSTNAME_LENGTH:
         for message in _hostname_template_problems(template):
             f.fail("hostnameTemplate", message)
     derp_port = f.integer("derpPort", DEFAULT_DERP_PORT, 1, 65535)
@@ -378,8 +381,8 @@ def parse_region_spec(spec: object, path: str = "spec") -> DerpRegionSpec:
     mesh = f.child("mesh")
     mesh_enabled = mesh.boolean("enabled", True)
     mesh.reject_unknown()
-    verify_clients = _parse_verify_clients(f.child("verifyClients")) if f.has("verifyClients") else None
-    f.seen.add("verifyClients")
+    checks = f.optional_child("verifyClients")
+    verify_clients = _parse_verify_clients(checks) if checks is not None else None
     parsed = DerpRegionSpec(
         region_id=region_id,
         region_code=region_code,
@@ -413,14 +416,5 @@ class RegionRef:
     name: str
     namespace: str
     uid: str
+    """Empty when rendering offline: then nothing gets an ownerReference."""
     cluster_domain: str = "cluster.local"
-
-    @classmethod
-    def from_object(cls, obj: Mapping[str, Any], cluster_domain: str = "cluster.local") -> RegionRef:
-        meta = obj.get("metadata") or {}
-        return cls(
-            name=str(meta.get("name", "")),
-            namespace=str(meta.get("namespace") or "default"),
-            uid=str(meta.get("uid", "")),
-            cluster_domain=cluster_domain,
-        )

@@ -237,6 +237,12 @@ def test_limits_match_the_model(spec_schema: Schema) -> None:
     assert p["imagePullPolicy"]["enum"] == list(model.IMAGE_PULL_POLICIES)
     assert p["tls"]["properties"]["mode"]["enum"] == [m.value for m in model.TlsMode]
     assert p["stunPort"]["minimum"] == model.STUN_OFF
+    assert p["regionName"]["maxLength"] == model.MAX_REGION_NAME_LENGTH
+    secret_name = p["tls"]["properties"]["secretName"]
+    assert (secret_name["pattern"], secret_name["maxLength"]) == (
+        model.SECRET_NAME_PATTERN,
+        model.MAX_HOSTNAME_LENGTH,
+    )
 
 
 def test_region_id_is_immutable(spec_schema: Schema) -> None:
@@ -244,10 +250,11 @@ def test_region_id_is_immutable(spec_schema: Schema) -> None:
     assert [r["rule"] for r in rules] == ["self == oldSelf"]
 
 
-def test_name_rule_matches_the_model(root: Schema) -> None:
-    (rule,) = root["x-kubernetes-validations"]
-    assert f"size() <= {model.MAX_NAME_LENGTH}" in rule["rule"]
-    assert f"matches('{model.NAME_PATTERN}')" in rule["rule"]
+def test_name_restrictions_match_the_model(root: Schema) -> None:
+    metadata = root["properties"]["metadata"]
+    assert set(metadata) == {"type", "properties"}, "metadata may restrict only name and generateName"
+    name = metadata["properties"]["name"]
+    assert (name["maxLength"], name["pattern"]) == (model.MAX_NAME_LENGTH, model.NAME_PATTERN)
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

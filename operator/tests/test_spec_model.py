@@ -143,6 +143,16 @@ def test_parsed_spec_does_not_share_the_callers_objects() -> None:
         ({"mesh": {"enable": True}}, "spec.mesh.enable: unknown field"),
         ({"replica": 3}, "spec.replica: unknown field"),
         ({"tls": "selfSigned"}, "spec.tls: must be an object"),
+        ({"regionName": "x" * 129}, "spec.regionName: must be at most 128 characters"),
+        (
+            {"tls": {"mode": "secret", "secretName": "s" * 254}},
+            "spec.tls.secretName: must be at most 253 characters",
+        ),
+        (
+            {"tls": {"mode": "certManager", "issuerRef": {"name": "le", "team": "x"}}},
+            "spec.tls.issuerRef.team: unknown field",
+        ),
+        ({"verifyClients": {"url": "https://x", "retries": 3}}, "spec.verifyClients.retries: unknown field"),
     ],
 )
 def test_invalid_field_is_named_with_its_path(fields: dict[str, Any], expected: str) -> None:
