@@ -18,7 +18,7 @@ from derprelay.certs import CertMaterial, generate_self_signed
 from derprelay.keys import KeyFormatError, MeshKey
 
 from .model import MAX_REPLICAS, DerpRegionSpec, RegionRef, render_hostname
-from .naming import MESH_KEY_FIELD, mesh_service_name
+from .naming import MESH_KEY_FIELD, mesh_domain, mesh_service_name
 
 
 class CredentialError(ValueError):
@@ -44,8 +44,7 @@ def region_tls_names(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
     The template is rendered for all possible ordinals, not only today's
     replicas, so scaling up never needs a new certificate (and a new pin).
     """
-    zone = f"{mesh_service_name(ref)}.{ref.namespace}.svc"
-    names = [f"*.{zone}.{ref.cluster_domain}", f"*.{zone}"]
+    names = [f"*.{mesh_domain(ref)}", f"*.{mesh_service_name(ref)}.{ref.namespace}.svc"]
     if spec.hostname_template:
         names += [render_hostname(spec.hostname_template, i) for i in range(MAX_REPLICAS)]
     return list(dict.fromkeys(names))

@@ -58,7 +58,8 @@ HOSTNAME_TEMPLATE_PATTERN = r"^[a-z0-9.{}-]+$"
 MAX_HOSTNAME_LENGTH = 253
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 MAX_REGION_NAME_LENGTH = 128
-_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?([.][a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+"""What a rendered hostname must match (lowercase RFC 1123); the CRD's CEL rule uses the same regex."""
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 _URL = re.compile(r"^https?://\S+$")
 
@@ -183,7 +184,7 @@ def _hostname_template_problems(template: str) -> list[str]:
         return [f"unknown placeholder(s) {', '.join(unknown)}; use {', '.join(HOSTNAME_PLACEHOLDERS)}"]
     if not any(p in template for p in HOSTNAME_PLACEHOLDERS):
         return [f"must contain one of {', '.join(HOSTNAME_PLACEHOLDERS)} so every relay gets its own name"]
-    if not _DNS_NAME.fullmatch(render_hostname(template, 0)):
+    if not re.fullmatch(DNS_NAME_PATTERN, render_hostname(template, 0)):
         return [f"renders to {render_hostname(template, 0)!r}, which is not a lowercase DNS name"]
     return []
 

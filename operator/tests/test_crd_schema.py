@@ -245,6 +245,18 @@ def test_limits_match_the_model(spec_schema: Schema) -> None:
     )
 
 
+def test_hostname_template_rules_match_the_model(spec_schema: Schema) -> None:
+    contains, renders = (
+        r["rule"] for r in spec_schema["properties"]["hostnameTemplate"]["x-kubernetes-validations"]
+    )
+    assert contains == " || ".join(f"self.contains('{p}')" for p in model.HOSTNAME_PLACEHOLDERS)
+    assert renders.endswith(f".matches('{model.DNS_NAME_PATTERN}')")
+    assert model.render_hostname("{ordinal}{index}{letter}", 0) == "01a"
+    assert renders.startswith(
+        "self.replace('{ordinal}', '0').replace('{index}', '1').replace('{letter}', 'a')"
+    )
+
+
 def test_region_id_is_immutable(spec_schema: Schema) -> None:
     rules = spec_schema["properties"]["regionID"]["x-kubernetes-validations"]
     assert [r["rule"] for r in rules] == ["self == oldSelf"]
