@@ -2,7 +2,8 @@
 
 One place decides them so the renderer, the handlers and the prober agree on
 ``derp-<name>`` (StatefulSet, PDB, Certificate), ``derp-<name>-mesh`` (headless
-Service and mesh-key Secret) and ``derp-<name>-tls``.
+Service and mesh-key Secret), ``derp-<name>-peers`` (mesh peer list) and
+``derp-<name>-tls``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from .model import DerpRegionSpec, RegionRef, TlsMode
 
 MESH_KEY_FIELD = "mesh.key"
+MESH_PEERS_FIELD = "mesh-with"
 CONTAINER_NAME = "relay"
 APP_NAME = "derp-relay"
 MANAGER = "derpfleet"
@@ -26,6 +28,10 @@ def mesh_service_name(ref: RegionRef) -> str:
 
 def mesh_secret_name(ref: RegionRef) -> str:
     return f"derp-{ref.name}-mesh"
+
+
+def mesh_peers_configmap_name(ref: RegionRef) -> str:
+    return f"derp-{ref.name}-peers"
 
 
 def generated_tls_secret_name(ref: RegionRef) -> str:

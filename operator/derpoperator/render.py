@@ -21,9 +21,11 @@ from .naming import (
     CONTAINER_NAME,
     MANAGER,
     MESH_KEY_FIELD,
+    MESH_PEERS_FIELD,
     generated_tls_secret_name,
     labels,
     mesh_domain,
+    mesh_peers_configmap_name,
     mesh_secret_name,
     mesh_service_name,
     pod_mesh_host,
@@ -36,6 +38,7 @@ Manifest = dict[str, Any]
 
 TLS_DIR = "/etc/derp/tls"
 MESH_DIR = "/etc/derp/mesh"
+PEERS_DIR = "/etc/derp/peers"
 STATE_DIR = "/var/lib/derp"
 PROBE_PATH = "/derp/probe"
 TERMINATION_GRACE_SECONDS = 30
@@ -147,8 +150,22 @@ def render_pdb(ref: RegionRef) -> Manifest:
 
 
 def mesh_peers(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
-    """``--mesh-with`` entries: every member including this one (the relay skips its own name)."""
+    """Mesh peer entries: every member including this one (the relay skips its own name)."""
     return [f"{pod_mesh_host(ref, i)}:{spec.derp_port}" for i in range(spec.replicas)]
+
+
+def render_mesh_peers(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
+    """The mesh peer list, one per line, which the relays follow (``--mesh-with-file``).
+
+    Kept out of the pod template on purpose: scaling the region then updates
+    the mounted file in place instead of restarting every relay.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ref, mesh_peers_configmap_name(ref)),
+        "data": {MESH_PEERS_FIELD: "".join(f"{peer}\n" for peer in mesh_peers(ref, spec))},
+    }
 
 
 def relay_args(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
@@ -172,8 +189,8 @@ def relay_args(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
         args += [
             "--mesh-psk-file",
             f"{MESH_DIR}/{MESH_KEY_FIELD}",
-            "--mesh-with",
-            ",".join(mesh_peers(ref, spec)),
+            "--mesh-with-file",
+            f"{PEERS_DIR}/{MESH_PEERS_FIELD}",
         ]
         # Only the self-signed region certificate names the in-cluster mesh hosts; a
         # user's or cert-manager's certificate names public hosts, which the mesh
@@ -219,6 +236,7 @@ def _container(ref: RegionRef, spec: DerpRegionSpec) -> dict[str, Any]:
     ]
     if spec.mesh_enabled:
         mounts.append({"name": "mesh", "mountPath": MESH_DIR, "readOnly": True})
+        mounts.append({"name": "peers", "mountPath": PEERS_DIR, "readOnly": True})
     return {
         "name": CONTAINER_NAME,
         "image": spec.image,
@@ -270,6 +288,7 @@ def _volumes(ref: RegionRef, spec: DerpRegionSpec) -> list[dict[str, Any]]:
         volumes.append(
             {"name": "mesh", "secret": {"secretName": mesh_secret_name(ref), "defaultMode": 0o440}}
         )
+        volumes.append({"name": "peers", "configMap": {"name": mesh_peers_configmap_name(ref)}})
     return volumes
 
 
@@ -313,7 +332,7 @@ def render_statefulset(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
 def render_region(
     ref: RegionRef, spec: DerpRegionSpec, mesh_key: str | None, tls: CertMaterial | None
 ) -> list[Manifest]:
-    """Everything a region runs on, in apply order (Secrets before the pods that mount them).
+    """Everything a region runs on, in apply order (Secrets and ConfigMaps before the pods mounting them).
 
     ``mesh_key`` is required when the mesh is enabled and ``tls`` in
     selfSigned mode: they are generated once by the caller and then read back
@@ -323,7 +342,7 @@ def render_region(
     if spec.mesh_enabled:
         if mesh_key is None:
             raise ValueError("the mesh is enabled: pass the region's mesh key")
-        manifests.append(render_mesh_secret(ref, mesh_key))
+        manifests += [render_mesh_secret(ref, mesh_key), render_mesh_peers(ref, spec)]
     if spec.tls.mode is TlsMode.SELF_SIGNED:
         if tls is None:
             raise ValueError("tls.mode is selfSigned: pass the region's certificate")

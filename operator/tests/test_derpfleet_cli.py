@@ -45,6 +45,7 @@ def test_render_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
         ("Secret", "derp-fra-mesh"),
+        ("ConfigMap", "derp-fra-peers"),
         ("Secret", "derp-fra-tls"),
         ("Service", "derp-fra-mesh"),
         ("StatefulSet", "derp-fra"),

@@ -13,6 +13,7 @@ from derpoperator.render import (
     owner_reference,
     relay_args,
     render_certificate,
+    render_mesh_peers,
     render_mesh_secret,
     render_pdb,
     render_region,
@@ -21,6 +22,7 @@ from derpoperator.render import (
     render_tls_secret,
 )
 from derprelay.cli import build_parser as relay_parser
+from derprelay.mesh import MeshPeer, parse_mesh_with
 from fleetfixtures import spec_of
 
 MESH_KEY = "ab" * 32
@@ -55,8 +57,8 @@ def test_relay_args_for_the_default_spec(ref: RegionRef) -> None:
         "/var/lib/derp/derper.key",
         "--mesh-psk-file",
         "/etc/derp/mesh/mesh.key",
-        "--mesh-with",
-        f"{MESH_HOSTS.format(0)},{MESH_HOSTS.format(1)}",
+        "--mesh-with-file",
+        "/etc/derp/peers/mesh-with",
         "--mesh-ca-file",
         "/etc/derp/tls/tls.crt",
     ]
@@ -68,7 +70,7 @@ def test_relay_args_are_accepted_by_the_relays_own_parser(ref: RegionRef) -> Non
     assert args.stun is False
     assert args.verify_client_url == "https://hs.example/verify"
     assert args.verify_client_url_fail_open is True
-    assert args.mesh_with.count(",") == 1
+    assert str(args.mesh_with_file) == "/etc/derp/peers/mesh-with"
 
 
 def test_relay_args_options(ref: RegionRef) -> None:
@@ -116,7 +118,6 @@ def test_statefulset(ref: RegionRef) -> None:
         ["derp-relay"],
         "ghcr.io/derpfleet/derp-relay:0.1.0",
     )
-    assert MESH_HOSTS.format(2) in c["args"][c["args"].index("--mesh-with") + 1]
     assert c["ports"] == [
         {"name": "derp", "containerPort": 443, "hostPort": 443, "protocol": "TCP"},
         {"name": "stun", "containerPort": 3478, "hostPort": 3478, "protocol": "UDP"},
@@ -138,15 +139,18 @@ def test_statefulset_volumes_follow_the_tls_mode_and_mesh(ref: RegionRef) -> Non
 
     assert secrets() == {"tls": "derp-fra-tls", "mesh": "derp-fra-mesh"}
     assert secrets(tls={"mode": "secret", "secretName": "mine"}, mesh={"enabled": False}) == {"tls": "mine"}
-    mounts = {
-        m["name"]: m["mountPath"] for m in container(render_statefulset(ref, spec_of()))["volumeMounts"]
-    }
+    sts = render_statefulset(ref, spec_of())
+    assert {"name": "peers", "configMap": {"name": "derp-fra-peers"}} in pod_spec(sts)["volumes"]
+    mounts = {m["name"]: m["mountPath"] for m in container(sts)["volumeMounts"]}
     assert mounts == {
         "tls": "/etc/derp/tls",
         "mesh": "/etc/derp/mesh",
+        "peers": "/etc/derp/peers",
         "state": "/var/lib/derp",
         "tmp": "/tmp",
     }
+    no_mesh = render_statefulset(ref, spec_of(mesh={"enabled": False}))
+    assert [v["name"] for v in pod_spec(no_mesh)["volumes"]] == ["tls", "state", "tmp"]
 
 
 def test_stun_off_publishes_no_udp_port(ref: RegionRef) -> None:
@@ -196,6 +200,21 @@ def test_service_is_headless_and_publishes_unready_relays(ref: RegionRef) -> Non
         "selector": SELECTOR,
         "ports": [{"name": "derp", "port": 8443, "targetPort": "derp", "protocol": "TCP"}],
     }
+
+
+def test_mesh_peers_list_every_member_one_per_line(ref: RegionRef) -> None:
+    peers = render_mesh_peers(ref, spec_of(replicas=3))
+    assert (peers["kind"], peers["metadata"]["name"]) == ("ConfigMap", "derp-fra-peers")
+    assert peers["data"] == {"mesh-with": "".join(MESH_HOSTS.format(i) + "\n" for i in range(3))}
+    assert parse_mesh_with(peers["data"]["mesh-with"].replace("\n", ",")) == [
+        MeshPeer(MESH_HOSTS.format(i)) for i in range(3)
+    ]
+
+
+def test_scaling_does_not_touch_the_pod_template(ref: RegionRef) -> None:
+    two = render_statefulset(ref, spec_of(replicas=2))["spec"]["template"]
+    three = render_statefulset(ref, spec_of(replicas=3))["spec"]["template"]
+    assert two == three
 
 
 def test_pdb_allows_one_relay_down(ref: RegionRef) -> None:
@@ -271,15 +290,18 @@ def test_offline_rendering_has_no_owner(ref: RegionRef) -> None:
 @pytest.mark.parametrize(
     ("fields", "kinds"),
     [
-        ({}, ["Secret/derp-fra-mesh", "Secret/derp-fra-tls"]),
+        ({}, ["Secret/derp-fra-mesh", "ConfigMap/derp-fra-peers", "Secret/derp-fra-tls"]),
         ({"mesh": {"enabled": False}}, ["Secret/derp-fra-tls"]),
-        ({"tls": {"mode": "secret", "secretName": "mine"}}, ["Secret/derp-fra-mesh"]),
+        (
+            {"tls": {"mode": "secret", "secretName": "mine"}},
+            ["Secret/derp-fra-mesh", "ConfigMap/derp-fra-peers"],
+        ),
         (
             {
                 "hostnameTemplate": "d{index}.example.com",
                 "tls": {"mode": "certManager", "issuerRef": {"name": "le"}},
             },
-            ["Secret/derp-fra-mesh", "Certificate/derp-fra"],
+            ["Secret/derp-fra-mesh", "ConfigMap/derp-fra-peers", "Certificate/derp-fra"],
         ),
     ],
 )
