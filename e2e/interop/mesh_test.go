@@ -131,7 +131,15 @@ func startWatcher(t *testing.T, name string, n *tailcfg.DERPNode, meshKey key.DE
 	w := &watcher{name: name, present: map[key.NodePublic]derp.PeerPresentFlags{}, changed: make(chan struct{}, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	t.Cleanup(func() { cancel(); c.Close(); <-done })
+	t.Cleanup(func() {
+		cancel()
+		c.Close()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Errorf("%s: watch loop did not stop", name)
+		}
+	})
 	notify := func() {
 		select {
 		case w.changed <- struct{}{}:
@@ -170,10 +178,21 @@ func (w *watcher) waitPresent(t *testing.T, ctx context.Context, k key.NodePubli
 		return ok && f&flag != 0
 	})
 	if err != nil {
-		w.mu.Lock()
-		t.Fatalf("%v; present: %v", err, w.present)
+		t.Fatalf("%v; present: %v", err, w.snapshot())
 	}
 	return flags
+}
+
+// snapshot copies the present set (never Fatal while holding w.mu: the
+// watch loop's callbacks would block and the cleanup with them).
+func (w *watcher) snapshot() map[key.NodePublic]derp.PeerPresentFlags {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := make(map[key.NodePublic]derp.PeerPresentFlags, len(w.present))
+	for k, v := range w.present {
+		out[k] = v
+	}
+	return out
 }
 
 func (w *watcher) waitGone(t *testing.T, ctx context.Context, k key.NodePublic) {

@@ -38,8 +38,11 @@ func newTestCert(t testing.TB) *testCert {
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "127.0.0.1"},
+		SerialNumber: serial,
+		// A distinct subject per certificate: OpenSSL (our relay's mesh
+		// client) picks a trust anchor by subject name, so two anchors both
+		// named "127.0.0.1" in one bundle would shadow each other.
+		Subject:               pkix.Name{CommonName: "interop-" + serial.Text(36)},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(24 * time.Hour),
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
