@@ -6,12 +6,14 @@ PYTHON ?= python3
 PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 VENV ?= $(CACHE)/venv-py$(PYVER)
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+# The install is editable, so the stamp names the checkout too: a venv shared by
+# two checkouts (say, CI's and a developer's) must import from the one running.
+STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
 .PHONY: setup demo test lint unit interop clean-venv
 
 $(STAMP): pyproject.toml
-	@echo ">> creating the virtualenv in $(VENV) (cached; rebuilt when pyproject.toml changes)"
+	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
 	@mkdir -p $(CACHE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
