@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from derprelay import certs
 from derprelay import frames as f
 from derprelay.client import DerpClient, Endpoint, connect
 from derprelay.keys import MeshKey, NodePrivateKey
@@ -181,3 +183,43 @@ async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = RE
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_ca_bundle(tmp_path: Path) -> Path:
+    """Make relays a and b's certificates up front, so each can verify the other through one bundle."""
+    bundle = tmp_path / "mesh-ca.pem"
+    pems = [
+        certs.load_or_create_self_signed(tmp_path / name / "certs", "127.0.0.1").cert_pem
+        for name in ("a", "b")
+    ]
+    bundle.write_bytes(b"".join(pems))
+    return bundle
+
+
+def start_pair(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
+) -> tuple[RelayProcess, RelayProcess]:
+    bundle = write_ca_bundle(tmp_path)
+    mesh_with = ",".join(f"127.0.0.1:{port}" for port in ports)
+    relays = []
+    for name, port in zip(("a", "b"), ports, strict=True):
+        relays.append(
+            relay_factory(
+                "-a",
+                f"127.0.0.1:{port}",
+                "--mesh-psk-file",
+                str(mesh_key_file),
+                "--mesh-with",
+                mesh_with,
+                "--mesh-ca-file",
+                str(bundle),
+                name=name,
+            )
+        )
+    return relays[0], relays[1]

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from derprelay import certs
 from derprelay.client import DerpClient, connect
 from derprelay.keys import NodePrivateKey
-from relayharness import RelayProcess
+from relayharness import RelayProcess, free_port, start_pair, write_ca_bundle
 
 DELIVERY_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload: bytes) -> None:
@@ -35,40 +27,6 @@ async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload
                 return
 
     await asyncio.wait_for(attempt(), DELIVERY_TIMEOUT)
-
-
-def write_ca_bundle(tmp_path: Path) -> Path:
-    """Make relays a and b's certificates up front, so each can verify the other through one bundle."""
-    bundle = tmp_path / "mesh-ca.pem"
-    pems = [
-        certs.load_or_create_self_signed(tmp_path / name / "certs", "127.0.0.1").cert_pem
-        for name in ("a", "b")
-    ]
-    bundle.write_bytes(b"".join(pems))
-    return bundle
-
-
-def start_pair(
-    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
-) -> tuple[RelayProcess, RelayProcess]:
-    bundle = write_ca_bundle(tmp_path)
-    mesh_with = ",".join(f"127.0.0.1:{port}" for port in ports)
-    relays = []
-    for name, port in zip(("a", "b"), ports, strict=True):
-        relays.append(
-            relay_factory(
-                "-a",
-                f"127.0.0.1:{port}",
-                "--mesh-psk-file",
-                str(mesh_key_file),
-                "--mesh-with",
-                mesh_with,
-                "--mesh-ca-file",
-                str(bundle),
-                name=name,
-            )
-        )
-    return relays[0], relays[1]
 
 
 async def test_meshed_relays_forward_both_ways_and_survive_a_restart(
