@@ -1,9 +1,12 @@
-"""Fixtures for the operator's pure-layer tests; plain helpers live in ``fleetfixtures``."""
+"""Fixtures for the operator's tests; plain helpers live in ``fleetfixtures``, real relays in ``relayharness``."""
 
 from __future__ import annotations
 
 import pytest
 from derpoperator.model import RegionRef
+from relayharness import mesh_key_file, relay, relay_factory
+
+__all__ = ["mesh_key_file", "ref", "relay", "relay_factory"]
 
 
 @pytest.fixture
