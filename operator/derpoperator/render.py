@@ -10,10 +10,10 @@ the garbage collector remove the rest.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import Any
 
 from derprelay.certs import CertMaterial
-from derprelay.derpmap import DerpMap
 
 from .credentials import normalize_mesh_key
 from .model import API_GROUP, API_VERSION, KIND, DerpRegionSpec, RegionRef, TlsMode, render_hostname
@@ -149,22 +149,34 @@ def render_pdb(ref: RegionRef) -> Manifest:
     }
 
 
-def mesh_peers(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
-    """Mesh peer entries: every member including this one (the relay skips its own name)."""
-    return [f"{pod_mesh_host(ref, i)}:{spec.derp_port}" for i in range(spec.replicas)]
+def mesh_peers(ref: RegionRef, spec: DerpRegionSpec, pod_ips: Mapping[int, str] | None = None) -> list[str]:
+    """Mesh peer entries: every member including this one (the relay skips its own name).
+
+    Where a pod's IP is known the entry dials it (``host:port/ip``): the mesh
+    then works without cluster DNS, and TLS still checks the DNS name.
+    """
+    ips = pod_ips or {}
+    peers = []
+    for i in range(spec.replicas):
+        peer = f"{pod_mesh_host(ref, i)}:{spec.derp_port}"
+        peers.append(f"{peer}/{ips[i]}" if ips.get(i) else peer)
+    return peers
 
 
-def render_mesh_peers(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
+def render_mesh_peers(
+    ref: RegionRef, spec: DerpRegionSpec, pod_ips: Mapping[int, str] | None = None
+) -> Manifest:
     """The mesh peer list, one per line, which the relays follow (``--mesh-with-file``).
 
-    Kept out of the pod template on purpose: scaling the region then updates
-    the mounted file in place instead of restarting every relay.
+    Kept out of the pod template on purpose: scaling the region or a pod
+    moving to a new IP then updates the mounted file in place instead of
+    restarting every relay.
     """
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(ref, mesh_peers_configmap_name(ref)),
-        "data": {MESH_PEERS_FIELD: "".join(f"{peer}\n" for peer in mesh_peers(ref, spec))},
+        "data": {MESH_PEERS_FIELD: "".join(f"{peer}\n" for peer in mesh_peers(ref, spec, pod_ips))},
     }
 
 
@@ -292,8 +304,14 @@ def _volumes(ref: RegionRef, spec: DerpRegionSpec) -> list[dict[str, Any]]:
     return volumes
 
 
-def render_statefulset(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
-    """One relay per ordinal; ordinals give stable pod names, hence stable DERP node names."""
+def render_statefulset(
+    ref: RegionRef, spec: DerpRegionSpec, pod_annotations: Mapping[str, str] | None = None
+) -> Manifest:
+    """One relay per ordinal; ordinals give stable pod names, hence stable DERP node names.
+
+    ``pod_annotations`` go on the pod template: a changed value (the TLS
+    certificate's fingerprint) rolls the relays so they load the new files.
+    """
     pod_spec: dict[str, Any] = {
         "containers": [_container(ref, spec)],
         "volumes": _volumes(ref, spec),
@@ -324,36 +342,49 @@ def render_statefulset(ref: RegionRef, spec: DerpRegionSpec) -> Manifest:
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": selector_labels(ref)},
-            "template": {"metadata": {"labels": labels(ref)}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": labels(ref),
+                    **({"annotations": dict(pod_annotations)} if pod_annotations else {}),
+                },
+                "spec": pod_spec,
+            },
         },
     }
 
 
 def render_region(
-    ref: RegionRef, spec: DerpRegionSpec, mesh_key: str | None, tls: CertMaterial | None
+    ref: RegionRef,
+    spec: DerpRegionSpec,
+    mesh_key: str | None,
+    tls: CertMaterial | None,
+    *,
+    pod_ips: Mapping[int, str] | None = None,
+    pod_annotations: Mapping[str, str] | None = None,
 ) -> list[Manifest]:
     """Everything a region runs on, in apply order (Secrets and ConfigMaps before the pods mounting them).
 
     ``mesh_key`` is required when the mesh is enabled and ``tls`` in
     selfSigned mode: they are generated once by the caller and then read back
-    from their Secrets, never made up here.
+    from their Secrets, never made up here.  ``pod_ips`` (by ordinal) and
+    ``pod_annotations`` are what the operator observed; offline there are none.
     """
     manifests: list[Manifest] = []
     if spec.mesh_enabled:
         if mesh_key is None:
             raise ValueError("the mesh is enabled: pass the region's mesh key")
-        manifests += [render_mesh_secret(ref, mesh_key), render_mesh_peers(ref, spec)]
+        manifests += [render_mesh_secret(ref, mesh_key), render_mesh_peers(ref, spec, pod_ips)]
     if spec.tls.mode is TlsMode.SELF_SIGNED:
         if tls is None:
             raise ValueError("tls.mode is selfSigned: pass the region's certificate")
         manifests.append(render_tls_secret(ref, tls))
     elif spec.tls.mode is TlsMode.CERT_MANAGER:
         manifests.append(render_certificate(ref, spec))
-    manifests += [render_service(ref, spec), render_statefulset(ref, spec), render_pdb(ref)]
+    manifests += [render_service(ref, spec), render_statefulset(ref, spec, pod_annotations), render_pdb(ref)]
     return manifests
 
 
-def render_derp_map_configmap(namespace: str, name: str, derp_map: DerpMap) -> Manifest:
+def render_derp_map_configmap(namespace: str, name: str, derp_map_json: str) -> Manifest:
     """The fleet's DERP map, for Headscale ``derp.paths`` or a Tailscale policy's ``derpMap``.
 
     It spans every region, so it has no single owner.
@@ -366,5 +397,5 @@ def render_derp_map_configmap(namespace: str, name: str, derp_map: DerpMap) -> M
             "namespace": namespace,
             "labels": {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/name": "derp-map"},
         },
-        "data": {DERP_MAP_KEY: derp_map.dumps()},
+        "data": {DERP_MAP_KEY: derp_map_json},
     }

@@ -211,6 +211,24 @@ def test_mesh_peers_list_every_member_one_per_line(ref: RegionRef) -> None:
     ]
 
 
+def test_mesh_peers_dial_known_pod_ips_and_name_the_others(ref: RegionRef) -> None:
+    peers = render_mesh_peers(ref, spec_of(replicas=3), {0: "10.1.0.7", 2: "fd00::9"})
+    lines = peers["data"]["mesh-with"].splitlines()
+    assert lines == [
+        MESH_HOSTS.format(0) + "/10.1.0.7",
+        MESH_HOSTS.format(1),
+        MESH_HOSTS.format(2) + "/fd00::9",
+    ]
+    assert [p.dial_host for p in parse_mesh_with(",".join(lines))] == ["10.1.0.7", "", "fd00::9"]
+
+
+def test_pod_annotations_go_on_the_template_only_when_given(ref: RegionRef) -> None:
+    plain = render_statefulset(ref, spec_of())["spec"]["template"]["metadata"]
+    assert "annotations" not in plain
+    marked = render_statefulset(ref, spec_of(), {"derpfleet.io/tls-sha256": "ab12"})
+    assert marked["spec"]["template"]["metadata"]["annotations"] == {"derpfleet.io/tls-sha256": "ab12"}
+
+
 def test_scaling_does_not_touch_the_pod_template(ref: RegionRef) -> None:
     two = render_statefulset(ref, spec_of(replicas=2))["spec"]["template"]
     three = render_statefulset(ref, spec_of(replicas=3))["spec"]["template"]

@@ -1,0 +1,65 @@
+"""The map across operator restarts: unobserved regions keep their entry, deleted ones drop out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from derpoperator.fleet import ListedRegion, assemble_map, previous_regions
+from test_fleet_derp_map import T0, region, running
+
+LATER = T0 + datetime.timedelta(hours=1)
+
+
+def listed(name: str, region_id: int, created: datetime.datetime = T0) -> ListedRegion:
+    return ListedRegion("derp", name, created, region_id)
+
+
+def regions_of(derp_map_json: str) -> dict[str, list[str]]:
+    doc = json.loads(derp_map_json)
+    assert doc["omitDefaultRegions"] is True
+    return {rid: [n["Name"] for n in r["Nodes"]] for rid, r in doc["Regions"].items()}
+
+
+def test_observed_regions_are_published_in_id_order() -> None:
+    fra = region("fra", (running(0, "203.0.113.7"),), regionID=902)
+    ams = region("ams", (running(0, "203.0.113.9"),), regionID=901, regionCode="ams")
+    out = assemble_map(
+        [listed("fra", 902), listed("ams", 901)], {("derp", "fra"): fra, ("derp", "ams"): ams}, None
+    )
+    assert list(regions_of(out)) == ["901", "902"]
+    assert out.endswith("}\n")
+
+
+def test_a_region_not_yet_observed_keeps_its_published_entry() -> None:
+    fra = region("fra", (running(0, "203.0.113.7"), running(1, "203.0.113.8")), regionID=900)
+    before = assemble_map([listed("fra", 900)], {("derp", "fra"): fra}, None)
+    # A restarted operator has observed nothing yet: the map stays as it was.
+    assert assemble_map([listed("fra", 900)], {}, before) == before
+    # Observed with one node gone, the fresh entry replaces the carried one.
+    fewer = region("fra", (running(0, "203.0.113.7"),), regionID=900)
+    assert regions_of(assemble_map([listed("fra", 900)], {("derp", "fra"): fewer}, before)) == {
+        "900": ["900a"]
+    }
+
+
+def test_deleted_regions_and_regions_with_nothing_to_publish_drop_out() -> None:
+    fra = region("fra", (running(0, "203.0.113.7"),), regionID=900)
+    before = assemble_map([listed("fra", 900)], {("derp", "fra"): fra}, None)
+    assert regions_of(assemble_map([], {}, before)) == {}
+    assert regions_of(assemble_map([listed("fra", 900)], {("derp", "fra"): None}, before)) == {}
+
+
+def test_the_later_claimant_of_an_id_is_never_published_even_if_carried() -> None:
+    old = region("fra", (running(0, "203.0.113.7"),), regionID=900)
+    new = region("fra2", (running(0, "203.0.113.8"),), regionID=900)
+    claims = [listed("fra", 900), listed("fra2", 900, LATER)]
+    out = assemble_map(claims, {("derp", "fra"): old, ("derp", "fra2"): new}, None)
+    assert json.loads(out)["Regions"]["900"]["Nodes"][0]["HostName"] == "203.0.113.7"
+
+
+def test_an_unreadable_published_map_carries_nothing() -> None:
+    assert previous_regions("not json") == {}
+    assert previous_regions('{"Regions": []}') == {}
+    assert previous_regions(None) == {}
+    assert list(previous_regions('{"Regions": {"900": {"RegionID": 900}, "x": {}}}')) == [900]
