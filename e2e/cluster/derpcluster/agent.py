@@ -376,8 +376,16 @@ def main() -> None:
     configuration = k8s.Configuration()
     k8s_config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
     agent = Agent(k8s.ApiClient(configuration), parse_nodes(args.node), args.state_dir)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+
+    def shut_down(*_: object) -> None:
+        # Pods get SIGTERM at once, before the loop notices: if the agent is then killed
+        # while its API calls hang on a stopped server, no pod outlives it.
+        agent.stop.set()
+        for running in list(agent.running.values()):
+            running.terminate()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
     agent.run()
 
 

@@ -20,11 +20,8 @@ Liveness probes, resource limits, users and images are not emulated.
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -221,7 +218,7 @@ class RunningPod:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                # Same process group as the agent: stopping the agent's group can never orphan a pod.
             )
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.ready = False
@@ -310,16 +307,19 @@ class RunningPod:
         return True
 
     def stop(self, grace: float) -> None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds."""
-        self._stopping = True
+        """SIGTERM, SIGKILL after ``grace`` seconds."""
+        self.terminate()
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+
+    def terminate(self) -> None:
+        """Send SIGTERM now (safe from a signal handler); the process exits in its own time."""
+        self._stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
