@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo test lint unit interop clean-venv
+.PHONY: setup demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/derp-relay --dev
 
 ## test: everything CI runs: lint, type checks, unit and integration tests, Go interop
-test: lint unit interop
+test: lint unit interop e2e
 
 lint: setup
 	$(BIN)/ruff check .
@@ -41,6 +41,28 @@ unit: setup
 interop: setup
 	@if [ -x e2e/interop/run ]; then PATH="$(BIN):$$PATH" CACHE="$(CACHE)" e2e/interop/run; \
 	 else echo ">> e2e/interop not present yet"; fi
+
+## chart-crds: copy the CRD (crds/ is its single source) into the Helm chart
+chart-crds:
+	cp crds/derpregion.yaml charts/derpfleet/crds/derpregion.yaml
+
+CLUSTER := PYTHONPATH=e2e/cluster CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/python -m derpcluster
+
+## cluster-build: build (once, cached in $(CACHE)) Kubernetes, etcd and helm for the local cluster
+cluster-build: setup
+	$(CLUSTER) build
+
+## cluster-up: a local Kubernetes on loopback (control plane + 3 fake nodes), left running
+cluster-up: cluster-build
+	$(CLUSTER) up
+
+## cluster-down: stop what cluster-up started
+cluster-down: setup
+	$(CLUSTER) down
+
+## e2e: the cluster's own tests and the operator's end-to-end tests, each on a fresh cluster
+e2e: cluster-build
+	CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/pytest e2e/tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,7 +25,9 @@ def main() -> int:
         except BuildError as exc:
             print(f"derpcluster: {exc}", file=sys.stderr)
             return 1
-        print(f">> Kubernetes {built.k8s_version}, etcd {built.etcd_version}, helm {built.helm_version} ready")
+        print(
+            f">> Kubernetes {built.k8s_version}, etcd {built.etcd_version}, helm {built.helm_version} ready"
+        )
         return 0
     if args.command == "down":
         if not down_recorded(state):
