@@ -1,6 +1,7 @@
 """``derpfleet``: the operator's command line.
 
-``derpfleet render`` turns DerpRegion files into the manifests the operator
+``derpfleet operator`` runs the operator (in its pod, or against any
+kubeconfig for development).  ``derpfleet render`` turns DerpRegion files into the manifests the operator
 would apply (and, given node addresses, the DERP map it would publish),
 without a cluster: for GitOps repositories, reviews, and trying a spec out.
 It validates like the API server would and names every problem it finds.
@@ -9,7 +10,11 @@ It validates like the API server would and names every problem it finds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from .conflicts import find_region_id_conflicts
 from .credentials import CredentialError, certificate_pin, generate_mesh_key, generate_region_certificate
 from .credentials import normalize_mesh_key as check_mesh_key
 from .derp_map import build_derp_map
+from .handlers import OperatorConfig
 from .model import (
     API_GROUP,
     API_VERSION,
@@ -38,6 +44,7 @@ from .model import (
 from .naming import pod_name
 from .observed import NodeAddress, ObservedNode, ObservedRegion
 from .render import Manifest, render_derp_map_configmap, render_region
+from .run import RunConfig, run
 
 DEFAULT_DERP_MAP_NAME = "derp-map"
 OFFLINE_CREATED = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -100,7 +107,98 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--derp-map-name", default=DEFAULT_DERP_MAP_NAME, help="name of the DERP map ConfigMap"
     )
+    _add_operator_command(commands)
     return parser
+
+
+def _add_operator_command(commands: Any) -> None:
+    run = commands.add_parser(
+        "operator",
+        help="run the operator: reconcile DerpRegions, probe relays, publish the DERP map",
+        description="Reconcile DerpRegions into relays, probe them, and publish the fleet's DERP map.",
+    )
+    run.add_argument(
+        "-n",
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=[],
+        help="watch DerpRegions in this namespace only (repeatable; default: the whole cluster)",
+    )
+    here = os.environ.get("POD_NAMESPACE", "default")
+    run.add_argument(
+        "--map-namespace", default=here, help=f"namespace of the DERP map ConfigMap (default: {here})"
+    )
+    run.add_argument("--map-name", default=DEFAULT_DERP_MAP_NAME, help="name of the DERP map ConfigMap")
+    run.add_argument(
+        "--probe-interval",
+        type=float,
+        default=15.0,
+        help="seconds between probes of each region (default: 15)",
+    )
+    run.add_argument(
+        "--listen",
+        default="0.0.0.0:8080",
+        help="address of /derpmap.json, /healthz and /metrics (default: 0.0.0.0:8080)",
+    )
+    run.add_argument("--kubeconfig", help="kubeconfig to use outside a cluster (default: $KUBECONFIG)")
+    run.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
+    run.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="hold a Lease so only one replica acts (default: on)",
+    )
+    run.add_argument("--lease-name", default="derpfleet-operator", help="the leader-election Lease's name")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r}: expected host:port, e.g. 0.0.0.0:8080")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The operator's settings from its flags; bad values raise :class:`UsageError`."""
+    if args.probe_interval <= 0:
+        raise UsageError(f"--probe-interval must be positive, not {args.probe_interval}")
+    host, port = _listen_address(args.listen)
+    return RunConfig(
+        operator=OperatorConfig(
+            namespaces=tuple(args.namespaces),
+            map_namespace=args.map_namespace,
+            map_name=args.map_name,
+            probe_interval=args.probe_interval,
+            cluster_domain=args.cluster_domain,
+        ),
+        listen_host=host,
+        listen_port=port,
+        kubeconfig=args.kubeconfig,
+        leader_election=args.leader_elect,
+        lease_namespace=args.map_namespace,
+        lease_name=args.lease_name,
+    )
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    config = run_config(args)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if config.kubeconfig:
+        os.environ["KUBECONFIG"] = config.kubeconfig  # kopf's login reads it from there
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run(config, stop)
+
+    asyncio.run(main())
+    return 0
 
 
 def _documents(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -259,7 +357,9 @@ def render_files(args: argparse.Namespace) -> list[Manifest]:
         observed.append(_observed(region, pin, _offline_nodes(spec, region.ref, addresses)))
     if args.derp_map or addresses:
         namespace = args.namespace or regions[0].ref.namespace
-        manifests.append(render_derp_map_configmap(namespace, args.derp_map_name, build_derp_map(observed)))
+        manifests.append(
+            render_derp_map_configmap(namespace, args.derp_map_name, build_derp_map(observed).dumps())
+        )
     return manifests
 
 
@@ -282,6 +382,8 @@ def dump_manifests(manifests: Sequence[Manifest]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "operator":
+            return run_operator(args)
         manifests = render_files(args)
     except UsageError as exc:
         print(f"derpfleet: {exc}".replace("\n", "\nderpfleet: "), file=sys.stderr)
