@@ -17,7 +17,7 @@ import pytest
 import yaml
 from derpoperator import model
 from derpoperator.model import parse_region_spec
-from fleetfixtures import CRD_PATH, EXAMPLES
+from fleetfixtures import CRD_PATH, EXAMPLES, REPO
 
 Schema = dict[str, Any]
 
@@ -277,3 +277,11 @@ def test_examples_fit_the_schema(root: Schema, path: Path) -> None:
         assert violations(spec_schema, defaulted, "spec") == []
         model.check_region_name(doc["metadata"]["name"])
         parse_region_spec(doc["spec"])
+
+
+def test_the_charts_crd_is_the_crd() -> None:
+    """crds/ is the single source; the chart ships a copy (Helm installs CRDs only from its own crds/)."""
+    chart_copy = REPO / "charts" / "derpfleet" / "crds" / "derpregion.yaml"
+    assert chart_copy.read_text() == CRD_PATH.read_text(), (
+        "charts/derpfleet/crds/derpregion.yaml differs from crds/derpregion.yaml: run `make chart-crds`"
+    )

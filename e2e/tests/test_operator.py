@@ -1,0 +1,613 @@
+"""The operator against a real control plane, with relays the pod runner really serves.
+
+One module-scoped operator (a real ``derpfleet operator`` process) runs
+through the whole story of a region: apply → objects, Secret, map with the
+fake nodes' addresses, Ready after probes; scale; rollout; a relay frozen
+and thawed; bad and conflicting specs; restart idempotence; hand edits put
+back; deletion.  The steps build on each other, so they are one module in
+file order, each with its own bounded waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from derprelay.certs import generate_self_signed
+from derprelay.client import Endpoint, connect
+from derprelay.keys import NodePrivateKey
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "derp"
+OPERATOR_NAMESPACE = "derpfleet-system"
+REGION = "lab"
+WAIT = 90.0
+"""Seconds for any one step to converge: pods start, probes run every 2 s."""
+PROBE_INTERVAL = "2"
+SERVICE_ACCOUNT = "derpfleet-operator"
+T = TypeVar("T")
+pytestmark = pytest.mark.timeout(600)
+
+
+def wait_for(what: str, fetch: Callable[[], T], accept: Callable[[T], bool], timeout: float = WAIT) -> T:
+    """Fetch until ``accept`` likes the value, and return that value."""
+    found: list[T] = []
+
+    def check() -> bool:
+        value = fetch()
+        if accept(value):
+            found.append(value)
+            return True
+        return False
+
+    wait_until(what, check, timeout)
+    return found[0]
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (subprocess.CalledProcessError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+
+
+class Kubectl:
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl(*args, input=input, check=check)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json").stdout)
+
+    def region(self, name: str = REGION) -> dict[str, Any]:
+        return dict(self.json("-n", NAMESPACE, "get", "derpregion", name))
+
+    def derp_map(self) -> dict[str, Any]:
+        cm = self.json("-n", OPERATOR_NAMESPACE, "get", "configmap", "derp-map")
+        return dict(json.loads(cm["data"]["derpmap.json"]))
+
+
+def condition(region: dict[str, Any], kind: str) -> dict[str, Any]:
+    for c in (region.get("status") or {}).get("conditions") or []:
+        if c["type"] == kind:
+            return dict(c)
+    return {}
+
+
+def region_doc(name: str = REGION, **spec: Any) -> str:
+    base = yaml.safe_load((REPO / "examples" / "region-minimal.yaml").read_text())
+    base["metadata"] = {"name": name, "namespace": NAMESPACE}
+    base["spec"].update(spec)
+    return yaml.safe_dump(base)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token_kubeconfig(cluster: Any, kubectl: Kubectl, path: Path) -> Path:
+    """A kubeconfig that acts as the chart's ServiceAccount: the operator then runs with the chart's RBAC."""
+    token = kubectl(
+        "-n", OPERATOR_NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration", "2h"
+    ).stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "operator",
+                "context": {"cluster": admin["clusters"][0]["name"], "user": SERVICE_ACCOUNT},
+            }
+        ],
+        "current-context": "operator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def kubectl(cluster: Any) -> Kubectl:
+    """The chart installed without operator replicas (its CRD, RBAC and Service), and the region namespace."""
+    k = Kubectl(cluster)
+    k("create", "namespace", OPERATOR_NAMESPACE)
+    k("create", "namespace", NAMESPACE)
+    subprocess.run(
+        [
+            str(cluster.helm),
+            "install",
+            "derpfleet",
+            str(REPO / "charts" / "derpfleet"),
+            "-n",
+            OPERATOR_NAMESPACE,
+            "--set",
+            "replicaCount=0",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+        env=cluster.env(),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    wait_until("the CRD to be served", lambda: k("get", "derpregions", "-A", check=False).returncode == 0)
+    return k
+
+
+class OperatorProcess:
+    """``derpfleet operator`` as a real process with its own log and HTTP port."""
+
+    def __init__(self, cluster: Any, kubeconfig: Path, log_path: Path, identity: str) -> None:
+        self.cluster, self.kubeconfig, self.log_path, self.identity = cluster, kubeconfig, log_path, identity
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**self.cluster.env(), "POD_NAME": self.identity}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "derpoperator.cli",
+                    "operator",
+                    "--kubeconfig",
+                    str(self.kubeconfig),
+                    "--map-namespace",
+                    OPERATOR_NAMESPACE,
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    "--probe-interval",
+                    PROBE_INTERVAL,
+                    "--log-level",
+                    "debug",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_until(f"operator {self.identity} to serve /healthz", lambda: self.http("/healthz")[0] == 200)
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def operators(
+    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[OperatorProcess]]:
+    """Operator "a" running (leading); tests may add more.  All are stopped at the end, logs shown on failure."""
+    workdir = tmp_path_factory.mktemp("operators")
+    kubeconfig = token_kubeconfig(cluster, kubectl, workdir / "operator.kubeconfig")
+    running = [OperatorProcess(cluster, kubeconfig, workdir / "a.log", "a")]
+    running[0].start()
+    yield running
+    for operator in running:
+        operator.stop()
+    for operator in running:
+        sys.stderr.write(
+            f"--- operator {operator.identity} log (tail) ---\n{operator.log_path.read_text(errors='replace')[-6000:]}\n"
+        )
+
+
+def region_nodes(derp_map: dict[str, Any], region_id: int) -> dict[str, str]:
+    """Node name -> IPv4 of one region in a DERP map ({} when the region is absent)."""
+    region = derp_map["Regions"].get(str(region_id)) or {}
+    return {n["Name"]: n.get("IPv4", "") for n in region.get("Nodes") or []}
+
+
+def owned_versions(kubectl: Kubectl) -> dict[str, str]:
+    names = [
+        "statefulset/derp-lab",
+        "service/derp-lab-mesh",
+        "secret/derp-lab-mesh",
+        "secret/derp-lab-tls",
+        "configmap/derp-lab-peers",
+        "poddisruptionbudget/derp-lab",
+    ]
+    versions = {n: kubectl.json("-n", NAMESPACE, "get", n)["metadata"]["resourceVersion"] for n in names}
+    versions["configmap/derp-map"] = kubectl.json("-n", OPERATOR_NAMESPACE, "get", "configmap", "derp-map")[
+        "metadata"
+    ]["resourceVersion"]
+    return versions
+
+
+def relay_pid(node_ip: str, port: int = 443) -> int:
+    """The pod runner's relay process serving ``node_ip:port`` (found by its command line)."""
+    wanted = f"{node_ip}:{port}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"derp-relay") for a in argv[:2]) and wanted in argv:
+            return int(entry.name)
+    raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
+
+
+def pin_of(tls_secret: dict[str, Any]) -> str:
+    pem = base64.b64decode(tls_secret["data"]["tls.crt"])
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    return "sha256-raw:" + hashlib.sha256(der).hexdigest()
+
+
+async def relay_across_the_mesh(addresses: list[str], pin: str) -> None:
+    """A real DERP client on each of two relays: a packet goes from one to the other over the mesh."""
+    keys = [NodePrivateKey.generate(), NodePrivateKey.generate()]
+    clients = [
+        await connect(Endpoint(f"https://{ip}:443/derp", cert_name=pin), key)
+        for ip, key in zip(addresses[:2], keys, strict=True)
+    ]
+    try:
+
+        async def delivered() -> None:
+            while True:
+                await clients[0].send(keys[1].public, b"over the mesh")
+                try:
+                    got = await asyncio.wait_for(clients[1].recv_packet(), 0.5)
+                except TimeoutError:
+                    continue
+                if got.packet == b"over the mesh":
+                    return
+
+        await asyncio.wait_for(delivered(), 20)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def test_a_region_comes_up_probed_and_published(
+    cluster: Any, kubectl: Kubectl, operators: list[OperatorProcess]
+) -> None:
+    kubectl("apply", "-f", "-", input=region_doc())
+    region = wait_for(
+        "region lab Ready, every relay probed",
+        kubectl.region,
+        lambda r: (
+            condition(r, "Ready").get("status") == "True"
+            and all("rttMs" in n for n in r["status"].get("nodes", [{}]))
+        ),
+    )
+    assert region["status"]["readyNodes"] == region["status"]["desiredNodes"] == 2
+    assert region["status"]["observedGeneration"] == region["metadata"]["generation"]
+    assert condition(region, "Degraded")["status"] == "False"
+    for node in region["status"]["nodes"]:
+        assert node["ready"] is True and node["rttMs"] > 0 and node["lastProbe"], node
+
+    uid = region["metadata"]["uid"]
+    for kind, name in [
+        ("statefulset", "derp-lab"),
+        ("service", "derp-lab-mesh"),
+        ("secret", "derp-lab-mesh"),
+        ("secret", "derp-lab-tls"),
+        ("configmap", "derp-lab-peers"),
+        ("poddisruptionbudget", "derp-lab"),
+    ]:
+        owners = kubectl.json("-n", NAMESPACE, "get", kind, name)["metadata"]["ownerReferences"]
+        assert [(o["kind"], o["uid"], o["controller"]) for o in owners] == [("DerpRegion", uid, True)], (
+            kind,
+            name,
+        )
+    mesh_key = base64.b64decode(
+        kubectl.json("-n", NAMESPACE, "get", "secret", "derp-lab-mesh")["data"]["mesh.key"]
+    )
+    assert len(mesh_key.strip()) == 64
+    pods = kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
+    pod_ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+    peers = kubectl.json("-n", NAMESPACE, "get", "configmap", "derp-lab-peers")["data"][
+        "mesh-with"
+    ].splitlines()
+    assert peers == [
+        f"derp-lab-{i}.derp-lab-mesh.derp.svc.cluster.local:443/{pod_ips[f'derp-lab-{i}']}" for i in range(2)
+    ]
+
+    # The map points at the fake nodes' addresses, pinned to the region's certificate.
+    pin = pin_of(kubectl.json("-n", NAMESPACE, "get", "secret", "derp-lab-tls"))
+    derp_map = wait_for("both relays in the map", kubectl.derp_map, lambda m: len(region_nodes(m, 901)) == 2)
+    nodes = derp_map["Regions"]["901"]["Nodes"]
+    assert {n["IPv4"] for n in nodes} <= set(cluster.node_addresses.values())
+    assert {n["CertName"] for n in nodes} == {pin}
+    assert [n["Name"] for n in nodes] == ["901a", "901b"]
+    status, served = operators[0].http("/derpmap.json")
+    assert status == 200 and json.loads(served) == derp_map
+
+    asyncio.run(relay_across_the_mesh([n["IPv4"] for n in nodes], pin))
+    wait_until(
+        "a RelaysServing event",
+        lambda: (
+            "RelaysServing"
+            in {
+                e["reason"]
+                for e in kubectl.json(
+                    "-n", NAMESPACE, "get", "events", "--field-selector", "involvedObject.name=lab"
+                )["items"]
+            }
+        ),
+    )
+    status, metrics = operators[0].http("/metrics")
+    assert 'derpfleet_region_ready{namespace="derp",region="lab"} 1.0' in metrics
+
+
+def test_the_api_server_rejects_an_invalid_spec_with_the_schemas_message(kubectl: Kubectl) -> None:
+    bad = kubectl("apply", "-f", "-", input=region_doc("bad", regionID=5000), check=False)
+    assert bad.returncode != 0
+    assert "spec.regionID" in bad.stderr and "less than or equal to 999" in bad.stderr
+    assert kubectl("-n", NAMESPACE, "get", "derpregion", "bad", check=False).returncode != 0
+
+
+def test_a_duplicate_region_id_is_degraded_and_not_published(
+    kubectl: Kubectl, operators: list[OperatorProcess]
+) -> None:
+    kubectl("apply", "-f", "-", input=region_doc("lab2", replicas=1, regionCode="lab2"))
+    degraded = wait_for(
+        "lab2 Degraded by the conflict",
+        lambda: condition(kubectl.region("lab2"), "Degraded"),
+        lambda c: c.get("reason") == "RegionIDConflict",
+    )
+    assert "regionID 901 is already used by DerpRegion derp/lab" in degraded["message"]
+    assert condition(kubectl.region("lab2"), "Ready")["status"] == "False"
+    assert region_nodes(kubectl.derp_map(), 901).keys() == {"901a", "901b"}
+    assert condition(kubectl.region(), "Ready")["status"] == "True"
+    kubectl("-n", NAMESPACE, "delete", "derpregion", "lab2", "--wait=true", "--timeout=60s")
+
+
+def test_scaling_up_adds_a_node_without_restarting_the_others(kubectl: Kubectl) -> None:
+    before = {
+        p["metadata"]["name"]: p["metadata"]["uid"]
+        for p in kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
+    }
+    kubectl("-n", NAMESPACE, "patch", "derpregion", REGION, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+    wait_until(
+        "three relays in the map",
+        lambda: region_nodes(kubectl.derp_map(), 901).keys() == {"901a", "901b", "901c"},
+    )
+    wait_until("status 3/3", lambda: kubectl.region()["status"].get("readyNodes") == 3)
+    after = {
+        p["metadata"]["name"]: p["metadata"]["uid"]
+        for p in kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
+    }
+    assert {name: after[name] for name in before} == before
+    peers = kubectl.json("-n", NAMESPACE, "get", "configmap", "derp-lab-peers")["data"]["mesh-with"]
+    assert len(peers.splitlines()) == 3
+
+
+def test_a_new_image_rolls_every_relay(kubectl: Kubectl) -> None:
+    image = "ghcr.io/derpfleet/derp-relay:0.1.1"
+    kubectl(
+        "-n",
+        NAMESPACE,
+        "patch",
+        "derpregion",
+        REGION,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"image": image}}),
+    )
+
+    def rolled() -> bool:
+        pods = kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
+        return len(pods) == 3 and all(p["spec"]["containers"][0]["image"] == image for p in pods)
+
+    wait_until("every pod on the new image", rolled, timeout=3 * WAIT)
+    wait_until(
+        "the rollout to complete and the region to be Ready",
+        lambda: (
+            condition(r := kubectl.region(), "Progressing").get("reason") == "RolloutComplete"
+            and condition(r, "Ready").get("status") == "True"
+            and r["status"]["readyNodes"] == 3
+        ),
+        timeout=2 * WAIT,
+    )
+
+
+def test_a_frozen_relay_leaves_the_map_and_returns_when_healthy(kubectl: Kubectl) -> None:
+    wait_until("three relays in the map", lambda: len(region_nodes(kubectl.derp_map(), 901)) == 3)
+    victim_ip = region_nodes(kubectl.derp_map(), 901)["901b"]
+    pid = relay_pid(victim_ip)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until("901b out of the map", lambda: "901b" not in region_nodes(kubectl.derp_map(), 901))
+        node = next(n for n in kubectl.region()["status"]["nodes"] if n["name"] == "901b")
+        assert node["ready"] is False and node["message"], node
+        assert region_nodes(kubectl.derp_map(), 901).keys() == {"901a", "901c"}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until("901b back in the map", lambda: "901b" in region_nodes(kubectl.derp_map(), 901))
+
+
+def test_hand_edits_of_owned_objects_are_put_back(kubectl: Kubectl) -> None:
+    def field(kind: str, name: str, *path: str) -> Any:
+        value = kubectl.json("-n", NAMESPACE, "get", kind, name)
+        for key in path:
+            value = value[key]
+        return value
+
+    kubectl(
+        "-n",
+        NAMESPACE,
+        "patch",
+        "service",
+        "derp-lab-mesh",
+        "--type=merge",
+        "-p",
+        '{"spec": {"publishNotReadyAddresses": false}}',
+    )
+    kubectl(
+        "-n", NAMESPACE, "patch", "pdb", "derp-lab", "--type=merge", "-p", '{"spec": {"maxUnavailable": 3}}'
+    )
+    wait_until(
+        "the Service publishing unready relays again",
+        lambda: field("service", "derp-lab-mesh", "spec", "publishNotReadyAddresses") is True,
+    )
+    wait_until("the PDB back at one", lambda: field("pdb", "derp-lab", "spec", "maxUnavailable") == 1)
+    kubectl(
+        "-n",
+        NAMESPACE,
+        "patch",
+        "configmap",
+        "derp-lab-peers",
+        "--type=merge",
+        "-p",
+        '{"data": {"mesh-with": "evil:443\\n"}}',
+    )
+    wait_until(
+        "the peers list restored",
+        lambda: (
+            len(
+                kubectl.json("-n", NAMESPACE, "get", "configmap", "derp-lab-peers")["data"][
+                    "mesh-with"
+                ].splitlines()
+            )
+            == 3
+        ),
+    )
+
+
+def test_an_operator_restart_changes_nothing_that_is_right(
+    kubectl: Kubectl, operators: list[OperatorProcess]
+) -> None:
+    wait_until(
+        "the region settled",
+        lambda: (
+            condition(kubectl.region(), "Ready").get("status") == "True"
+            and len(region_nodes(kubectl.derp_map(), 901)) == 3
+        ),
+    )
+    before = owned_versions(kubectl)
+    operators[0].stop()
+    restarted_at = time.time()
+    operators[0].start()
+
+    def probed_since_restart() -> bool:
+        nodes = kubectl.region()["status"]["nodes"]
+        times = [
+            time.mktime(time.strptime(n["lastProbe"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone for n in nodes
+        ]
+        return all(t > restarted_at + 1 for t in times)
+
+    wait_until("a probe round by the restarted operator", probed_since_restart)
+    time.sleep(3 * float(PROBE_INTERVAL))
+    assert owned_versions(kubectl) == before
+
+
+def test_a_missing_tls_secret_degrades_until_it_exists(kubectl: Kubectl) -> None:
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=region_doc(
+            "ext",
+            regionID=950,
+            regionCode="ext",
+            replicas=1,
+            derpPort=8443,
+            stunPort=3479,
+            tls={"mode": "secret", "secretName": "ext-tls"},
+        ),
+    )
+    degraded = wait_for(
+        "ext Degraded for its missing Secret",
+        lambda: condition(kubectl.region("ext"), "Degraded"),
+        lambda c: c.get("reason") == "TLSSecretMissing",
+    )
+    assert "Secret derp/ext-tls (tls.secretName) does not exist" in degraded["message"]
+    material = generate_self_signed("ext.derp.test")
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "ext-tls", "namespace": NAMESPACE},
+        "data": {
+            "tls.crt": base64.b64encode(material.cert_pem).decode(),
+            "tls.key": base64.b64encode(material.key_pem).decode(),
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(secret))
+    wait_until("ext Ready", lambda: condition(kubectl.region("ext"), "Ready").get("status") == "True")
+    ext = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]
+    assert ext["DERPPort"] == 8443 and ext["STUNPort"] == 3479 and "CertName" not in ext
+    kubectl("-n", NAMESPACE, "delete", "derpregion", "ext", "--wait=true", "--timeout=60s")
+    wait_until("ext out of the map", lambda: "950" not in kubectl.derp_map()["Regions"])
+
+
+def test_a_second_replica_stands_by_and_takes_over(cluster: Any, operators: list[OperatorProcess]) -> None:
+    first = operators[0]
+    second = OperatorProcess(cluster, first.kubeconfig, first.log_path.with_name("b.log"), "b")
+    operators.append(second)
+    second.start()
+    assert second.http("/healthz") == (200, "ok: standby\n")
+    assert first.http("/healthz") == (200, "ok: leading\n")
+    first.stop()
+    wait_until("b to lead", lambda: second.http("/healthz") == (200, "ok: leading\n"), timeout=30)
+
+
+def test_deleting_the_region_removes_it_from_map_and_cluster(
+    kubectl: Kubectl, operators: list[OperatorProcess]
+) -> None:
+    kubectl("-n", NAMESPACE, "delete", "derpregion", REGION, "--wait=true", "--timeout=60s")
+    wait_until("901 out of the map", lambda: "901" not in kubectl.derp_map()["Regions"])
+    for kind, name in [
+        ("statefulset", "derp-lab"),
+        ("secret", "derp-lab-mesh"),
+        ("configmap", "derp-lab-peers"),
+    ]:
+        wait_until(
+            f"{kind}/{name} collected",
+            lambda kind=kind, name=name: (
+                kubectl("-n", NAMESPACE, "get", kind, name, check=False).returncode != 0
+            ),
+        )
+    assert json.loads(operators[-1].http("/derpmap.json")[1])["Regions"] == {}
