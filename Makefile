@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds
+.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## demo: run a relay on loopback in dev mode (self-signed TLS, STUN), print its DERP map
-demo: setup
+## demo: a local Kubernetes, the operator and the example region: prints the probed, published DERP map
+demo: cluster-build
+	$(CLUSTER_ENV) $(BIN)/python -m derpcluster.demo
+
+## relay-demo: one relay on loopback in dev mode (self-signed TLS, STUN) and its DERP map
+relay-demo: setup
 	$(BIN)/derp-relay --dev
 
 ## test: everything CI runs: lint, type checks, unit and integration tests, Go interop
@@ -46,7 +50,8 @@ interop: setup
 chart-crds:
 	cp crds/derpregion.yaml charts/derpfleet/crds/derpregion.yaml
 
-CLUSTER := PYTHONPATH=e2e/cluster CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/python -m derpcluster
+CLUSTER_ENV := PYTHONPATH=e2e/cluster CACHE="$(CACHE)" PATH="$(BIN):$$PATH"
+CLUSTER := $(CLUSTER_ENV) $(BIN)/python -m derpcluster
 
 ## cluster-build: build (once, cached in $(CACHE)) Kubernetes, etcd and helm for the local cluster
 cluster-build: setup
