@@ -388,6 +388,23 @@ def test_the_api_server_rejects_an_invalid_spec_with_the_schemas_message(kubectl
     assert kubectl("-n", NAMESPACE, "get", "derpregion", "bad", check=False).returncode != 0
 
 
+def test_the_api_server_keeps_the_region_id_immutable(kubectl: Kubectl) -> None:
+    changed = kubectl(
+        "-n",
+        NAMESPACE,
+        "patch",
+        "derpregion",
+        REGION,
+        "--type=merge",
+        "-p",
+        '{"spec": {"regionID": 902}}',
+        check=False,
+    )
+    assert changed.returncode != 0
+    assert "regionID is immutable: create a new DerpRegion for a new ID" in changed.stderr
+    assert kubectl.region()["spec"]["regionID"] == 901
+
+
 def test_a_duplicate_region_id_is_degraded_and_not_published(
     kubectl: Kubectl, operators: list[OperatorProcess]
 ) -> None:
@@ -581,6 +598,83 @@ def test_a_missing_tls_secret_degrades_until_it_exists(kubectl: Kubectl) -> None
     assert ext["DERPPort"] == 8443 and ext["STUNPort"] == 3479 and "CertName" not in ext
     kubectl("-n", NAMESPACE, "delete", "derpregion", "ext", "--wait=true", "--timeout=60s")
     wait_until("ext out of the map", lambda: "950" not in kubectl.derp_map()["Regions"])
+
+
+CERTIFICATE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "certificates.cert-manager.io"},
+    "spec": {
+        "group": "cert-manager.io",
+        "scope": "Namespaced",
+        "names": {"kind": "Certificate", "plural": "certificates", "singular": "certificate"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+"""Just cert-manager's Certificate kind: the operator must use it when it exists; nothing issues."""
+
+
+def test_cert_manager_mode_waits_for_the_kind_then_for_the_issued_secret(kubectl: Kubectl) -> None:
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=region_doc(
+            "cm",
+            regionID=960,
+            regionCode="cm",
+            replicas=1,
+            derpPort=8444,
+            stunPort=3480,
+            hostnameTemplate="cm{index}.derp.test",
+            tls={"mode": "certManager", "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
+        ),
+    )
+    missing = wait_for(
+        "cm Degraded: no cert-manager",
+        lambda: condition(kubectl.region("cm"), "Degraded"),
+        lambda c: c.get("reason") == "CertManagerMissing",
+    )
+    assert "install cert-manager" in missing["message"]
+    kubectl("apply", "-f", "-", input=json.dumps(CERTIFICATE_CRD))
+    certificate = wait_for(
+        "the Certificate",
+        lambda: kubectl.json("-n", NAMESPACE, "get", "certificates.cert-manager.io", "derp-cm"),
+        bool,
+    )
+    assert certificate["spec"]["secretName"] == "derp-cm-tls"
+    assert certificate["spec"]["dnsNames"] == ["cm1.derp.test"]
+    assert certificate["spec"]["issuerRef"] == {
+        "name": "letsencrypt",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    # Play cert-manager: issue the Secret; the relay starts and the region becomes Ready.
+    material = generate_self_signed("cm1.derp.test")
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "derp-cm-tls", "namespace": NAMESPACE},
+        "data": {
+            "tls.crt": base64.b64encode(material.cert_pem).decode(),
+            "tls.key": base64.b64encode(material.key_pem).decode(),
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(secret))
+    wait_until("cm Ready", lambda: condition(kubectl.region("cm"), "Ready").get("status") == "True")
+    node = kubectl.derp_map()["Regions"]["960"]["Nodes"][0]
+    assert node["HostName"] == "cm1.derp.test" and "CertName" not in node
+    kubectl("-n", NAMESPACE, "delete", "derpregion", "cm", "--wait=true", "--timeout=60s")
 
 
 def test_a_second_replica_stands_by_and_takes_over(cluster: Any, operators: list[OperatorProcess]) -> None:
