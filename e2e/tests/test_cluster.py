@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import pids_naming
+from conftest import crd_manifest, pids_naming, wait_until
 from derpcluster import LocalCluster, down, up
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-WAIT = 60.0
 PAUSE_IMAGE = "registry.invalid/pause:1"
 """Never pulled: a pod whose command is not a local program is only marked running."""
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (subprocess.CalledProcessError, KeyError, IndexError, OSError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 def apply(cluster: LocalCluster, *docs: dict[str, Any]) -> None:
@@ -67,35 +49,21 @@ def test_nodes_are_ready_on_chosen_loopback_addresses(cluster: LocalCluster) -> 
     assert seen == {name: (ip, ip, "True") for name, ip in cluster.node_addresses.items()}
 
 
-CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "widgets.test.derpcluster.io"},
-    "spec": {
-        "group": "test.derpcluster.io",
-        "scope": "Namespaced",
-        "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "properties": {
-                            "spec": {
-                                "type": "object",
-                                "required": ["size"],
-                                "properties": {"size": {"type": "integer", "minimum": 1, "maximum": 10}},
-                            }
-                        },
-                    }
-                },
+CRD = crd_manifest(
+    "test.derpcluster.io",
+    "Widget",
+    "widgets",
+    {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["size"],
+                "properties": {"size": {"type": "integer", "minimum": 1, "maximum": 10}},
             }
-        ],
+        },
     },
-}
+)
 
 
 def widget(name: str, size: int) -> dict[str, Any]:

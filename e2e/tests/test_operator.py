@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
+from conftest import WAIT, crd_manifest, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from derprelay.certs import generate_self_signed
@@ -38,8 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "derp"
 OPERATOR_NAMESPACE = "derpfleet-system"
 REGION = "lab"
-WAIT = 90.0
-"""Seconds for any one step to converge: pods start, probes run every 2 s."""
 PROBE_INTERVAL = "2"
 SERVICE_ACCOUNT = "derpfleet-operator"
 T = TypeVar("T")
@@ -61,22 +60,6 @@ def wait_for(what: str, fetch: Callable[[], T], accept: Callable[[T], bool], tim
     return found[0]
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (subprocess.CalledProcessError, KeyError, ValueError, json.JSONDecodeError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
-
-
 class Kubectl:
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
@@ -91,6 +74,19 @@ class Kubectl:
 
     def region(self, name: str = REGION) -> dict[str, Any]:
         return dict(self.json("-n", NAMESPACE, "get", "derpregion", name))
+
+    def patch_region(self, spec: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self(
+            "-n",
+            NAMESPACE,
+            "patch",
+            "derpregion",
+            REGION,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": spec}),
+            check=check,
+        )
 
     def derp_map(self) -> dict[str, Any]:
         cm = self.json("-n", OPERATOR_NAMESPACE, "get", "configmap", "derp-map")
@@ -144,28 +140,8 @@ def token_kubeconfig(cluster: Any, kubectl: Kubectl, path: Path) -> Path:
 def kubectl(cluster: Any) -> Kubectl:
     """The chart installed without operator replicas (its CRD, RBAC and Service), and the region namespace."""
     k = Kubectl(cluster)
-    k("create", "namespace", OPERATOR_NAMESPACE)
     k("create", "namespace", NAMESPACE)
-    subprocess.run(
-        [
-            str(cluster.helm),
-            "install",
-            "derpfleet",
-            str(REPO / "charts" / "derpfleet"),
-            "-n",
-            OPERATOR_NAMESPACE,
-            "--set",
-            "replicaCount=0",
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-        env=cluster.env(),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cluster.install_chart_without_operator(REPO / "charts" / "derpfleet", OPERATOR_NAMESPACE)
     wait_until("the CRD to be served", lambda: k("get", "derpregions", "-A", check=False).returncode == 0)
     return k
 
@@ -276,6 +252,21 @@ def relay_pid(node_ip: str, port: int = 443) -> int:
         if any(a.endswith(b"derp-relay") for a in argv[:2]) and wanted in argv:
             return int(entry.name)
     raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
+
+
+def tls_secret(name: str, host: str) -> dict[str, Any]:
+    """A kubernetes.io/tls Secret with a fresh self-signed certificate for ``host``."""
+    material = generate_self_signed(host)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "data": {
+            "tls.crt": base64.b64encode(material.cert_pem).decode(),
+            "tls.key": base64.b64encode(material.key_pem).decode(),
+        },
+    }
 
 
 def pin_of(tls_secret: dict[str, Any]) -> str:
@@ -389,17 +380,7 @@ def test_the_api_server_rejects_an_invalid_spec_with_the_schemas_message(kubectl
 
 
 def test_the_api_server_keeps_the_region_id_immutable(kubectl: Kubectl) -> None:
-    changed = kubectl(
-        "-n",
-        NAMESPACE,
-        "patch",
-        "derpregion",
-        REGION,
-        "--type=merge",
-        "-p",
-        '{"spec": {"regionID": 902}}',
-        check=False,
-    )
+    changed = kubectl.patch_region({"regionID": 902}, check=False)
     assert changed.returncode != 0
     assert "regionID is immutable: create a new DerpRegion for a new ID" in changed.stderr
     assert kubectl.region()["spec"]["regionID"] == 901
@@ -426,7 +407,7 @@ def test_scaling_up_adds_a_node_without_restarting_the_others(kubectl: Kubectl) 
         p["metadata"]["name"]: p["metadata"]["uid"]
         for p in kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
     }
-    kubectl("-n", NAMESPACE, "patch", "derpregion", REGION, "--type=merge", "-p", '{"spec": {"replicas": 3}}')
+    kubectl.patch_region({"replicas": 3})
     wait_until(
         "three relays in the map",
         lambda: region_nodes(kubectl.derp_map(), 901).keys() == {"901a", "901b", "901c"},
@@ -443,16 +424,7 @@ def test_scaling_up_adds_a_node_without_restarting_the_others(kubectl: Kubectl) 
 
 def test_a_new_image_rolls_every_relay(kubectl: Kubectl) -> None:
     image = "ghcr.io/derpfleet/derp-relay:0.1.1"
-    kubectl(
-        "-n",
-        NAMESPACE,
-        "patch",
-        "derpregion",
-        REGION,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"image": image}}),
-    )
+    kubectl.patch_region({"image": image})
 
     def rolled() -> bool:
         pods = kubectl.json("-n", NAMESPACE, "get", "pods", "-l", "derpfleet.io/region=lab")["items"]
@@ -581,18 +553,7 @@ def test_a_missing_tls_secret_degrades_until_it_exists(kubectl: Kubectl) -> None
         lambda c: c.get("reason") == "TLSSecretMissing",
     )
     assert "Secret derp/ext-tls (tls.secretName) does not exist" in degraded["message"]
-    material = generate_self_signed("ext.derp.test")
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {"name": "ext-tls", "namespace": NAMESPACE},
-        "data": {
-            "tls.crt": base64.b64encode(material.cert_pem).decode(),
-            "tls.key": base64.b64encode(material.key_pem).decode(),
-        },
-    }
-    kubectl("apply", "-f", "-", input=json.dumps(secret))
+    kubectl("apply", "-f", "-", input=json.dumps(tls_secret("ext-tls", "ext.derp.test")))
     wait_until("ext Ready", lambda: condition(kubectl.region("ext"), "Ready").get("status") == "True")
     ext = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]
     assert ext["DERPPort"] == 8443 and ext["STUNPort"] == 3479 and "CertName" not in ext
@@ -600,26 +561,12 @@ def test_a_missing_tls_secret_degrades_until_it_exists(kubectl: Kubectl) -> None
     wait_until("ext out of the map", lambda: "950" not in kubectl.derp_map()["Regions"])
 
 
-CERTIFICATE_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "certificates.cert-manager.io"},
-    "spec": {
-        "group": "cert-manager.io",
-        "scope": "Namespaced",
-        "names": {"kind": "Certificate", "plural": "certificates", "singular": "certificate"},
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-                },
-            }
-        ],
-    },
-}
+CERTIFICATE_CRD = crd_manifest(
+    "cert-manager.io",
+    "Certificate",
+    "certificates",
+    {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+)
 """Just cert-manager's Certificate kind: the operator must use it when it exists; nothing issues."""
 
 
@@ -659,18 +606,7 @@ def test_cert_manager_mode_waits_for_the_kind_then_for_the_issued_secret(kubectl
         "group": "cert-manager.io",
     }
     # Play cert-manager: issue the Secret; the relay starts and the region becomes Ready.
-    material = generate_self_signed("cm1.derp.test")
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {"name": "derp-cm-tls", "namespace": NAMESPACE},
-        "data": {
-            "tls.crt": base64.b64encode(material.cert_pem).decode(),
-            "tls.key": base64.b64encode(material.key_pem).decode(),
-        },
-    }
-    kubectl("apply", "-f", "-", input=json.dumps(secret))
+    kubectl("apply", "-f", "-", input=json.dumps(tls_secret("derp-cm-tls", "cm1.derp.test")))
     wait_until("cm Ready", lambda: condition(kubectl.region("cm"), "Ready").get("status") == "True")
     node = kubectl.derp_map()["Regions"]["960"]["Nodes"][0]
     assert node["HostName"] == "cm1.derp.test" and "CertName" not in node

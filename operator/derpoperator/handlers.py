@@ -28,7 +28,7 @@ import datetime
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -493,6 +493,21 @@ def _spec_conditions(previous: Mapping[str, Any], message: str, generation: int)
     return merge_conditions(previous.get("conditions") or [], conditions, generation, _utc_now())
 
 
+API_RETRY_DELAY = 5.0
+
+
+async def _retry_on_api_errors(
+    action: Callable[[str, str], Awaitable[None]], namespace: str | None, name: str
+) -> None:
+    """Run a region handler; an API error makes kopf retry it shortly instead of giving up."""
+    if namespace is None:
+        raise kopf.PermanentError("a DerpRegion without a namespace: the CRD is namespaced")
+    try:
+        await action(namespace, name)
+    except KubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=API_RETRY_DELAY) from exc
+
+
 def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     """Attach the handlers to a kopf registry (not the global one: the CLI and tests make their own)."""
     config = operator.config
@@ -501,19 +516,11 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     @kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=registry)
     @kopf.on.update(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def region_changed(namespace: str | None, name: str, **_: Any) -> None:
-        assert namespace is not None, "DerpRegion is namespaced"
-        try:
-            await operator.reconcile(namespace, name)
-        except KubeError as exc:
-            raise kopf.TemporaryError(str(exc), delay=5) from exc
+        await _retry_on_api_errors(operator.reconcile, namespace, name)
 
     @kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def region_deleted(namespace: str | None, name: str, **_: Any) -> None:
-        assert namespace is not None, "DerpRegion is namespaced"
-        try:
-            await operator.forget(namespace, name)
-        except KubeError as exc:
-            raise kopf.TemporaryError(str(exc), delay=5) from exc
+        await _retry_on_api_errors(operator.forget, namespace, name)
 
     @kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=config.probe_interval, registry=registry)
     async def probe_tick(namespace: str | None, name: str, **_: Any) -> None:

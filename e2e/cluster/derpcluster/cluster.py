@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,34 @@ class LocalCluster(Cluster):
     @property
     def helm(self) -> Path:
         return self.binaries.helm
+
+    def install_chart_without_operator(self, chart: Path, namespace: str) -> None:
+        """``helm install`` a derpfleet chart with no operator replicas: its CRD, RBAC and Service.
+
+        The cluster has no container images, so the operator itself runs as a
+        local process next to it (tests and the demo start it).
+        """
+        self.kubectl("create", "namespace", namespace)
+        subprocess.run(
+            [
+                str(self.helm),
+                "install",
+                "derpfleet",
+                str(chart),
+                "-n",
+                namespace,
+                "--set",
+                "replicaCount=0",
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+            env=self.env(),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     @property
     def pods_dir(self) -> Path:

@@ -87,25 +87,8 @@ def run(state: Path, once: bool) -> None:
     operator: subprocess.Popen[bytes] | None = None
     try:
         env = cluster.env()
-        cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
         print(">> helm install derpfleet (CRD and RBAC; the operator runs as a local process)", flush=True)
-        subprocess.run(
-            [
-                str(cluster.helm),
-                "install",
-                "derpfleet",
-                str(REPO / "charts" / "derpfleet"),
-                "-n",
-                OPERATOR_NAMESPACE,
-                "--set",
-                "replicaCount=0",
-                "--wait",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        cluster.install_chart_without_operator(REPO / "charts" / "derpfleet", OPERATOR_NAMESPACE)
         port = free_port()
         log_path = state / "operator.log"
         print(f">> derpfleet operator (log: {log_path})", flush=True)
