@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds
+.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds bench bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -32,7 +32,7 @@ relay-demo: setup
 	$(BIN)/derp-relay --dev
 
 ## test: everything CI runs: lint, type checks, unit and integration tests, Go interop
-test: lint unit interop e2e
+test: lint unit interop e2e bench-smoke
 
 lint: setup
 	$(BIN)/ruff check .
@@ -45,6 +45,21 @@ unit: setup
 interop: setup
 	@if [ -x e2e/interop/run ]; then PATH="$(BIN):$$PATH" CACHE="$(CACHE)" e2e/interop/run; \
 	 else echo ">> e2e/interop not present yet"; fi
+
+BENCH := PATH="$(BIN):$$PATH" CACHE="$(CACHE)" bench/run
+
+## bench: derp-relay vs. Tailscale's derper, side by side; writes bench/results.json and bench/RESULTS.md
+bench: setup
+	$(BENCH) -json results.json -markdown RESULTS.md -notes method.md $(if $(wildcard bench/results-before.json),-baseline results-before.json) $(BENCH_ARGS)
+
+## bench-smoke: a few seconds of the benchmark, both relays (checks delivery, not speed)
+bench-smoke: setup
+	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -warmup 300ms -duration 1s -idle 20
+
+## bench-profile: py-spy flame graphs of derp-relay under the benchmark's load, in bench/profile/
+bench-profile: setup
+	$(BIN)/pip install --quiet py-spy
+	$(BENCH) -rounds 1 -idle '' -profile profile $(BENCH_ARGS)
 
 ## chart-crds: copy the CRD (crds/ is its single source) into the Helm chart
 chart-crds:

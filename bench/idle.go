@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"tailscale.com/derp"
+	"tailscale.com/types/key"
+	"tailscale.com/types/logger"
+)
+
+// idleDialers is how many idle connections are being set up at once.
+const idleDialers = 32
+
+// idleSources spreads idle connections over this many loopback source
+// addresses (127.0.1.1 ...), so 10k connections per round, several rounds
+// in a row, never run out of ephemeral ports (TIME_WAIT lasts a minute).
+const idleSources = 64
+
+// idleDialTimeout bounds one idle connection's TCP, TLS and DERP handshakes.
+const idleDialTimeout = 30 * time.Second
+
+// idleSettle is how long the relay gets after the last handshake before its
+// RSS is read.
+const idleSettle = 2 * time.Second
+
+// upgradeRequest asks for DERP with fast start: the client speaks DERP at
+// once instead of waiting for the 101 (derphttp does the same).
+const upgradeRequest = "GET /derp HTTP/1.1\r\nHost: " + benchHost + "\r\n" +
+	"Upgrade: DERP\r\nConnection: Upgrade\r\n" + derp.FastStartHeader + ": 1\r\n\r\n"
+
+// idleResult is the relay's RSS with Conns idle DERP clients connected.
+type idleResult struct {
+	Conns    int   `json:"conns"`
+	RSSBytes int64 `json:"rssBytes"`
+}
+
+// idleConns holds connections that finished the DERP handshake and then say
+// nothing: what most of a relay's clients do most of the time. They are
+// lean (TLS, the upgrade request, the derp package's handshake) because
+// derphttp clients would cost the load generator far more memory.
+type idleConns struct {
+	conns []net.Conn
+}
+
+// growTo opens connections until there are target of them.
+func (s *idleConns) growTo(ctx context.Context, addr string, cfg *tls.Config, target int) error {
+	need := target - len(s.conns)
+	if need <= 0 {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var mu sync.Mutex
+	var firstErr error
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range idleDialers {
+		wg.Go(func() {
+			for i := range next {
+				conn, err := dialIdle(ctx, addr, cfg, i)
+				mu.Lock()
+				if err != nil && firstErr == nil {
+					firstErr = fmt.Errorf("idle connection %d: %w", i, err)
+					cancel()
+				}
+				if conn != nil {
+					s.conns = append(s.conns, conn)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	start := len(s.conns)
+feed:
+	for i := start; i < target; i++ {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	return ctx.Err()
+}
+
+func (s *idleConns) close() {
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.conns = nil
+}
+
+// dialIdle connects from the i-th source address, completes TLS, the HTTP
+// upgrade and the DERP handshake up to ServerInfo, and returns the
+// connection for the caller to leave idle.
+func dialIdle(ctx context.Context, addr string, cfg *tls.Config, i int) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, idleDialTimeout)
+	defer cancel()
+	source := net.IPv4(127, 0, 1, byte(1+i%idleSources))
+	dialer := net.Dialer{LocalAddr: &net.TCPAddr{IP: source}}
+	tcp, err := dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	conn := tls.Client(tcp, cfg)
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
+	if err := handshakeIdle(ctx, conn); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, nil
+}
+
+func handshakeIdle(ctx context.Context, conn *tls.Conn) error {
+	if err := conn.HandshakeContext(ctx); err != nil {
+		return err
+	}
+	if _, err := conn.Write([]byte(upgradeRequest)); err != nil {
+		return err
+	}
+	brw := bufio.NewReadWriter(bufio.NewReader(conn), bufio.NewWriter(conn))
+	client, err := derp.NewClient(key.NewNode(), conn, brw, logger.Discard)
+	if err != nil {
+		return err
+	}
+	for {
+		m, err := client.Recv()
+		if err != nil {
+			return err
+		}
+		if _, ok := m.(derp.ServerInfoMessage); ok {
+			return nil
+		}
+	}
+}
+
+// measureIdle opens each number of idle connections in turn (ascending)
+// and reads the relay's RSS once they are all connected.
+func measureIdle(ctx context.Context, srv *server, cert *benchCert, levels []int) ([]idleResult, error) {
+	var idle idleConns
+	defer idle.close()
+	cfg := cert.tlsConfig()
+	base, err := srv.rssBytes()
+	if err != nil {
+		return nil, err
+	}
+	out := []idleResult{{Conns: 0, RSSBytes: base}}
+	for _, n := range levels {
+		if err := idle.growTo(ctx, srv.addr(), cfg, n); err != nil {
+			return out, err
+		}
+		sleepCtx(ctx, idleSettle)
+		rss, err := srv.rssBytes()
+		if err != nil {
+			return out, err
+		}
+		out = append(out, idleResult{Conns: n, RSSBytes: rss})
+	}
+	return out, srv.alive()
+}

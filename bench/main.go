@@ -1,0 +1,278 @@
+// Command bench measures derp-relay and Tailscale's derper side by side on
+// loopback: the same derphttp clients, the same certificate and flags,
+// interleaved rounds. bench/run builds it and derper; see bench/method.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	var (
+		relayBin    = flag.String("relay", "derp-relay", "our relay's binary")
+		derperBin   = flag.String("derper", os.Getenv("DERPER"), "Tailscale's derper binary")
+		pairs       = flag.Int("pairs", 4, "sender→receiver client pairs per cell")
+		window      = flag.Int("window", 32, "packets each pair may have in flight (0: flood without limit)")
+		sizes       = flag.String("sizes", "64,1200,16384", "packet sizes in bytes, comma-separated")
+		warmup      = flag.Duration("warmup", time.Second, "load before each measurement window")
+		duration    = flag.Duration("duration", 5*time.Second, "measurement window per cell")
+		rounds      = flag.Int("rounds", 3, "rounds per server (interleaved: ours, derper, ours, …)")
+		idle        = flag.String("idle", "1000,10000", "idle connection counts for the RSS figures (empty: none)")
+		relayCPU    = flag.Int("relay-cpu", 0, "CPU both relays are pinned to")
+		loadCPU     = flag.Int("load-cpu", 1, "CPU this load generator runs on (bench/run pins it; recorded only)")
+		jsonOut     = flag.String("json", "", "write the results here")
+		markdownOut = flag.String("markdown", "", "render the results as markdown here (RESULTS.md)")
+		baseline    = flag.String("baseline", "", "an earlier results JSON: the markdown compares derp-relay with it")
+		notes       = flag.String("notes", "", "markdown appended to the rendered results (method, reproduction)")
+		render      = flag.String("render", "", "render -markdown from this results JSON without measuring")
+		profileDir  = flag.String("profile", "", "record a py-spy profile of derp-relay per cell of round 1 here")
+		profileFmt  = flag.String("profile-format", "flamegraph", "py-spy output format: flamegraph, raw, speedscope")
+		smoke       = flag.Bool("smoke", false, "fail unless every cell delivered packets (for make test)")
+	)
+	flag.Parse()
+	log.SetFlags(0)
+	log.SetPrefix(">> ")
+
+	if *render != "" {
+		r, err := readResults(*render)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := renderMarkdown(r, *markdownOut, *baseline, *notes); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+
+	cfg := config{
+		Pairs: *pairs, Window: *window, WarmupSec: warmup.Seconds(), DurationSec: duration.Seconds(),
+		Rounds: *rounds, RelayCPU: *relayCPU, LoadCPU: *loadCPU,
+	}
+	var err1, err2 error
+	cfg.Sizes, err1 = parseInts(*sizes)
+	cfg.Idle, err2 = parseInts(*idle)
+	if err := errors.Join(err1, err2); err != nil {
+		log.Fatal(err)
+	}
+	slices.Sort(cfg.Idle)
+	if *derperBin == "" {
+		log.Fatal("no derper binary: pass -derper or set DERPER (bench/run builds one)")
+	}
+	specs := []serverSpec{
+		{kind: ours, binary: *relayBin, cpu: *relayCPU},
+		{kind: theirs, binary: *derperBin, cpu: *relayCPU},
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	r, err := measure(ctx, cfg, specs, *profileDir, *profileFmt)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println()
+	r.Machine.writeMarkdown(os.Stdout)
+	fmt.Println()
+	writeTable(os.Stdout, cfg, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
+	if *jsonOut != "" {
+		if err := r.writeJSON(*jsonOut); err != nil {
+			log.Fatal(err)
+		}
+		log.Printf("results in %s", *jsonOut)
+	}
+	if *markdownOut != "" {
+		if err := renderMarkdown(r, *markdownOut, *baseline, *notes); err != nil {
+			log.Fatal(err)
+		}
+	}
+	if *smoke {
+		if err := checkDelivered(r); err != nil {
+			log.Fatal(err)
+		}
+		log.Print("smoke run: every cell delivered packets")
+	}
+}
+
+// measure runs the interleaved rounds and returns every figure.
+func measure(ctx context.Context, cfg config, specs []serverSpec, profileDir, profileFmt string) (*results, error) {
+	cert, err := newBenchCert()
+	if err != nil {
+		return nil, err
+	}
+	r := &results{
+		Machine: describeMachine(specs[0].binary, specs[1].binary),
+		Config:  cfg,
+	}
+	log.Printf("%s; %d cores; %s", r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel)
+	log.Printf("relays on CPU %d, load generator on CPU %d; %d round(s) each, %d pairs, sizes %v, %v per cell",
+		cfg.RelayCPU, cfg.LoadCPU, cfg.Rounds, cfg.Pairs, cfg.Sizes, time.Duration(cfg.DurationSec*float64(time.Second)))
+	for round := 1; round <= cfg.Rounds; round++ {
+		for _, spec := range specs {
+			run := serverRun{Server: spec.kind, Round: round}
+			prefix := fmt.Sprintf("[round %d/%d] %-10s", round, cfg.Rounds, spec.kind)
+			if len(cfg.Idle) > 0 {
+				run.Idle, err = idleRound(ctx, spec, cert, cfg.Idle)
+				if err != nil {
+					return nil, fmt.Errorf("%s idle: %w", prefix, err)
+				}
+				for _, m := range run.Idle {
+					log.Printf("%s RSS with %5d idle connections: %6.1f MiB", prefix, m.Conns, float64(m.RSSBytes)/(1<<20))
+				}
+			}
+			profile := ""
+			if round == 1 && spec.kind == ours {
+				profile = profileDir
+			}
+			run.Cells, err = loadRound(ctx, spec, cert, cfg, profile, profileFmt, prefix)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", prefix, err)
+			}
+			r.Runs = append(r.Runs, run)
+		}
+	}
+	r.summarise()
+	return r, nil
+}
+
+// idleRound starts a fresh relay and measures its RSS with each number of
+// idle connections (ascending).
+func idleRound(ctx context.Context, spec serverSpec, cert *benchCert, levels []int) ([]idleResult, error) {
+	srv, dir, err := freshServer(ctx, spec, cert)
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	defer srv.stop()
+	return measureIdle(ctx, srv, cert, levels)
+}
+
+// loadRound starts a fresh relay and measures one cell per packet size.
+func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config, profileDir, profileFmt, prefix string) ([]cellResult, error) {
+	srv, dir, err := freshServer(ctx, spec, cert)
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	defer srv.stop()
+	var cells []cellResult
+	window := time.Duration(cfg.DurationSec * float64(time.Second))
+	for _, size := range cfg.Sizes {
+		p := loadParams{size: size, pairs: cfg.Pairs, window: cfg.Window, warmup: time.Duration(cfg.WarmupSec * float64(time.Second)), duration: window}
+		var profiler *exec.Cmd
+		if profileDir != "" {
+			if profiler, err = startProfiler(srv, profileDir, profileFmt, size, p.warmup+window); err != nil {
+				return nil, err
+			}
+		}
+		cell, err := runCell(ctx, srv, cert, p)
+		if profiler != nil {
+			if werr := profiler.Wait(); werr != nil {
+				log.Printf("%s py-spy: %v", prefix, werr)
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", sizeLabel(size), err)
+		}
+		log.Printf("%s %-7s %8.0f pkt/s %8.1f Mbit/s  drops %5.2f%%  p50/p99 %.2f/%.2f ms (idle %.3f/%.3f)  %.2f CPU s/Mpkt  (load generator %.0f%%, others %.0f%% CPU)",
+			prefix, sizeLabel(size), cell.PacketsPerSec, cell.MbitPerSec, cell.DropPercent,
+			cell.LatencyP50Ms, cell.LatencyP99Ms, cell.IdleLatencyP50Ms, cell.IdleLatencyP99Ms,
+			cell.CPUSecPerMpkt, 100*cell.LoadgenCPU, 100*cell.OtherCPU)
+		cells = append(cells, cell)
+	}
+	return cells, nil
+}
+
+func freshServer(ctx context.Context, spec serverSpec, cert *benchCert) (*server, string, error) {
+	dir, err := os.MkdirTemp("", "derpfleet-bench-")
+	if err != nil {
+		return nil, "", err
+	}
+	srv, err := startServer(ctx, spec, cert, dir)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, "", err
+	}
+	return srv, dir, nil
+}
+
+// startProfiler samples derp-relay with py-spy for the length of one cell.
+func startProfiler(srv *server, dir, format string, size int, length time.Duration) (*exec.Cmd, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	ext := map[string]string{"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[format]
+	if ext == "" {
+		return nil, fmt.Errorf("unknown py-spy format %q", format)
+	}
+	out := filepath.Join(dir, fmt.Sprintf("derp-relay-%d.%s", size, ext))
+	cmd := exec.Command("py-spy", "record", "--nonblocking", "--format", format, "-o", out,
+		"--pid", strconv.Itoa(srv.cmd.Process.Pid), "--duration", strconv.Itoa(int(length.Seconds()+0.5)))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	log.Printf("profiling derp-relay into %s", out)
+	return cmd, cmd.Start()
+}
+
+// checkDelivered is the smoke run's only assertion: packets went through.
+func checkDelivered(r *results) error {
+	var errs []error
+	for _, run := range r.Runs {
+		for _, cell := range run.Cells {
+			if cell.Received == 0 || cell.PacketsPerSec == 0 {
+				errs = append(errs, fmt.Errorf("%s round %d: no %s packets delivered", run.Server, run.Round, sizeLabel(cell.Size)))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func renderMarkdown(r *results, path, baselinePath, notesPath string) error {
+	if path == "" {
+		return errors.New("no -markdown path to render to")
+	}
+	var base *results
+	if baselinePath != "" {
+		var err error
+		if base, err = readResults(baselinePath); err != nil {
+			return err
+		}
+	}
+	var notes []byte
+	if notesPath != "" {
+		var err error
+		if notes, err = os.ReadFile(notesPath); err != nil {
+			return err
+		}
+	}
+	if err := r.writeMarkdown(path, base, string(notes)); err != nil {
+		return err
+	}
+	log.Printf("rendered %s", path)
+	return nil
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for field := range strings.SplitSeq(s, ",") {
+		if field = strings.TrimSpace(field); field == "" {
+			continue
+		}
+		n, err := strconv.Atoi(field)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("bad number %q in a list", field)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
