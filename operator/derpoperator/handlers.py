@@ -64,13 +64,12 @@ from .observed import ObservedRegion, ProbeResult, observe_node, view_region
 from .probe import ProbeTarget, probe_region
 from .render import DERP_MAP_KEY, render_derp_map_configmap, render_region
 from .status import (
-    DEGRADED,
-    PROGRESSING,
     READY,
-    Condition,
     Problem,
     compute_status,
-    merge_conditions,
+    condition_events,
+    condition_of,
+    invalid_spec_status,
     rollout_from_statefulset,
 )
 from .web import Published
@@ -311,10 +310,7 @@ class Operator:
         except InvalidSpecError as exc:
             await self._write_status(
                 body,
-                {
-                    "observedGeneration": generation,
-                    "conditions": _spec_conditions(previous_status, str(exc), generation),
-                },
+                invalid_spec_status(previous_status, str(exc), generation, _utc_now()),
             )
             self.metrics.reconciles.labels("problem").inc()
             return None
@@ -362,7 +358,7 @@ class Operator:
             now=_utc_now(),
         )
         await self._write_status(body, status)
-        ready = _condition_true(status, READY)
+        ready = (condition_of(status, READY) or {}).get("status") == "True"
         self.metrics.record_views(key, view_region(observed), ready)
         self.metrics.reconciles.labels("problem" if problems else "ok").inc()
         return None if problems else observed
@@ -370,13 +366,11 @@ class Operator:
     async def _write_status(self, body: Obj, status: Obj) -> None:
         """Patch the status when it changed, and tell the user about Ready flips as Events."""
         previous = body.get("status") or {}
-        if _without_times(previous) == _without_times(status) and previous.get("nodes") == status.get(
-            "nodes"
-        ):
+        if previous == status:
             return
         meta = body["metadata"]
         await self.kube.patch_status(REGION_API, KIND, meta["name"], meta["namespace"], status)
-        for condition, event_type in _transitions(previous, status):
+        for condition, event_type in condition_events(previous, status):
             # kopf.event, not kopf.info: the latter obeys the posting level, kept at WARNING
             # so kopf's own per-handler messages don't become Events.
             kopf.event(
@@ -439,58 +433,6 @@ def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
             )
         )
     return targets
-
-
-def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == kind:
-            return dict(condition)
-    return None
-
-
-def _transitions(
-    previous: Mapping[str, Any], status: Mapping[str, Any]
-) -> list[tuple[Mapping[str, Any], str]]:
-    """Events worth a user's attention: Ready gained (Normal), Ready lost or Degraded entered (Warning).
-
-    A region that is not Ready yet while it starts is Progressing, not news.
-    """
-    events: list[tuple[Mapping[str, Any], str]] = []
-    was_ready, ready = _condition(previous, READY) or {}, _condition(status, READY) or {}
-    if ready.get("status") == "True" and was_ready.get("status") != "True":
-        events.append((ready, "Normal"))
-    elif ready.get("status") == "False" and was_ready.get("status") == "True":
-        events.append((ready, "Warning"))
-    was_degraded, degraded = _condition(previous, DEGRADED) or {}, _condition(status, DEGRADED) or {}
-    if degraded.get("status") == "True" and (
-        was_degraded.get("status") != "True" or was_degraded.get("reason") != degraded.get("reason")
-    ):
-        events.append((degraded, "Warning"))
-    return events
-
-
-def _condition_true(status: Mapping[str, Any], kind: str) -> bool:
-    return (_condition(status, kind) or {}).get("status") == "True"
-
-
-def _without_times(status: Mapping[str, Any]) -> Any:
-    """The status minus what changes on every probe, to tell a real change from a tick."""
-    return {
-        **status,
-        "nodes": [
-            {k: v for k, v in n.items() if k not in ("lastProbe", "rttMs")} for n in status.get("nodes") or []
-        ],
-    }
-
-
-def _spec_conditions(previous: Mapping[str, Any], message: str, generation: int) -> list[dict[str, Any]]:
-    """A spec the operator cannot run: not Ready, not progressing anywhere, Degraded until fixed."""
-    conditions = [
-        Condition(READY, False, "InvalidSpec", message),
-        Condition(PROGRESSING, False, "InvalidSpec", message),
-        Condition(DEGRADED, True, "InvalidSpec", message),
-    ]
-    return merge_conditions(previous.get("conditions") or [], conditions, generation, _utc_now())
 
 
 API_RETRY_DELAY = 5.0

@@ -190,3 +190,48 @@ def compute_status(
         "readyNodes": sum(v.healthy for v in views),
         "desiredNodes": region.spec.replicas,
     }
+
+
+def condition_of(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    """One condition of a status by type, or None."""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == kind:
+            return dict(condition)
+    return None
+
+
+def condition_events(
+    previous: Mapping[str, Any], status: Mapping[str, Any]
+) -> list[tuple[Mapping[str, Any], str]]:
+    """Events worth a user's attention, as (condition, event type): Ready gained (Normal),
+    Ready lost or Degraded entered or changing its reason (Warning).
+
+    A region that is not Ready yet while it starts is Progressing, not news.
+    """
+    events: list[tuple[Mapping[str, Any], str]] = []
+    was_ready, ready = condition_of(previous, READY) or {}, condition_of(status, READY) or {}
+    if ready.get("status") == "True" and was_ready.get("status") != "True":
+        events.append((ready, "Normal"))
+    elif ready.get("status") == "False" and was_ready.get("status") == "True":
+        events.append((ready, "Warning"))
+    was_degraded, degraded = condition_of(previous, DEGRADED) or {}, condition_of(status, DEGRADED) or {}
+    if degraded.get("status") == "True" and (
+        was_degraded.get("status") != "True" or was_degraded.get("reason") != degraded.get("reason")
+    ):
+        events.append((degraded, "Warning"))
+    return events
+
+
+def invalid_spec_status(
+    previous_status: Mapping[str, Any], message: str, generation: int, now: datetime.datetime
+) -> dict[str, Any]:
+    """A spec the operator cannot run: not Ready, not progressing anywhere, Degraded until fixed."""
+    conditions = [
+        Condition(READY, False, "InvalidSpec", message),
+        Condition(PROGRESSING, False, "InvalidSpec", message),
+        Condition(DEGRADED, True, "InvalidSpec", message),
+    ]
+    return {
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous_status.get("conditions") or [], conditions, generation, now),
+    }

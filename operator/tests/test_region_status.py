@@ -13,7 +13,10 @@ from derpoperator.status import (
     Rollout,
     compute_conditions,
     compute_status,
+    condition_events,
+    condition_of,
     format_time,
+    invalid_spec_status,
     merge_conditions,
     node_status,
     rollout_from_statefulset,
@@ -225,3 +228,43 @@ def test_compute_status() -> None:
     assert by_type["Ready"]["lastTransitionTime"] == "2024-12-31T00:00:00Z"
     assert by_type["Progressing"]["lastTransitionTime"] == "2025-01-01T12:05:00Z"
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def status_with(**conditions: tuple[str, str]) -> dict[str, Any]:
+    """A status holding conditions given as type=(status, reason)."""
+    return {
+        "conditions": [
+            {"type": t, "status": s, "reason": r, "message": f"{t} {r}"} for t, (s, r) in conditions.items()
+        ]
+    }
+
+
+def test_events_are_for_gaining_or_losing_ready_and_for_degradation() -> None:
+    starting = status_with(Ready=("False", "NoHealthyRelays"), Degraded=("False", "AsExpected"))
+    serving = status_with(Ready=("True", "RelaysServing"), Degraded=("False", "AsExpected"))
+    broken = status_with(Ready=("False", "NoHealthyRelays"), Degraded=("True", "RelaysUnhealthy"))
+    conflict = status_with(Ready=("False", "RegionIDConflict"), Degraded=("True", "RegionIDConflict"))
+
+    def kinds(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(c["reason"], kind) for c, kind in condition_events(before, after)]
+
+    assert kinds({}, starting) == []  # starting up is not news
+    assert kinds(starting, serving) == [("RelaysServing", "Normal")]
+    assert kinds(serving, serving) == []
+    assert kinds(serving, broken) == [("NoHealthyRelays", "Warning"), ("RelaysUnhealthy", "Warning")]
+    assert kinds(broken, broken) == []
+    assert kinds(broken, conflict) == [("RegionIDConflict", "Warning")]
+
+
+def test_an_invalid_spec_is_degraded_and_neither_ready_nor_progressing() -> None:
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    status = invalid_spec_status({}, "spec.replicas: must be at most 26", 7, now)
+    assert status["observedGeneration"] == 7
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Ready", "False", "InvalidSpec"),
+        ("Progressing", "False", "InvalidSpec"),
+        ("Degraded", "True", "InvalidSpec"),
+    ]
+    assert {c["message"] for c in status["conditions"]} == {"spec.replicas: must be at most 26"}
+    assert condition_of(status, "Degraded") == status["conditions"][2]
+    assert condition_of(status, "Nope") is None

@@ -118,7 +118,7 @@ def ensure(cache: Path | None = None) -> Binaries:
             [f"k8s.io/kubernetes/cmd/{p}" for p in K8S_PROGRAMS],
             k8s_dir,
             f"Kubernetes {k8s_version} ({', '.join(K8S_PROGRAMS)})",
-            expected="about 15 minutes",
+            expected="about 5 minutes",
         )
     if not (etcd_dir / "etcd").exists():
         # The server module's main package is its root; Go names the binary after its directory.
@@ -127,7 +127,7 @@ def ensure(cache: Path | None = None) -> Binaries:
             ["go.etcd.io/etcd/server/v3"],
             etcd_dir,
             f"etcd {etcd_version}",
-            expected="about 2 minutes",
+            expected="about 1 minute",
             renames={"server": "etcd"},
         )
     if not (helm_dir / "helm").exists():
@@ -136,7 +136,7 @@ def ensure(cache: Path | None = None) -> Binaries:
             ["helm.sh/helm/v3/cmd/helm"],
             helm_dir,
             f"helm {helm_version}",
-            expected="about 3 minutes",
+            expected="about 1 minute",
             # What helm's own release build stamps in, so `helm version` tells the truth.
             ldflags=f"-X helm.sh/helm/v3/internal/version.version={helm_version}",
         )
