@@ -76,6 +76,7 @@ func (r *results) summarise() {
 				IdleLatencyP99Ms: at(func(c cellResult) float64 { return c.IdleLatencyP99Ms }),
 				CPUSecPerMpkt:    at(func(c cellResult) float64 { return c.CPUSecPerMpkt }),
 				LoadgenCPU:       at(func(c cellResult) float64 { return c.LoadgenCPU }),
+				OtherCPU:         at(func(c cellResult) float64 { return c.OtherCPU }),
 			})
 		}
 		for i, idle := range runs[0].Idle {
