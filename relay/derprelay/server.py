@@ -93,7 +93,7 @@ class FrameSink(Protocol):
     """What a connection needs from its transport (raw TCP/TLS or WebSocket)."""
 
     def write_frames(self, data: list[bytes]) -> None:
-        """Write these frames, in order, as one batch."""
+        """Write these frames (or parts of frames), in order, as one batch."""
 
     def close(self) -> None:
         """Flush what was written, then close."""
@@ -388,7 +388,8 @@ class ClientConnection:
         self._state = _State.AWAIT_CLIENT_INFO
         self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
         self._control: list[bytes] = []
-        self._packets: deque[bytes] = deque()
+        self._packets: deque[tuple[bytes, bytes]] = deque()
+        """(source, packet) pairs not yet written; framed at flush time, in the batch."""
         self._flush_scheduled = False
         self._writing_paused = False
         self._loop = asyncio.get_running_loop()
@@ -589,9 +590,9 @@ class ClientConnection:
             self.server.note_received_from(source, self)
         packets = self._packets
         if self._writing_paused and len(packets) >= self.server.send_queue_depth:
-            dropped = packets.popleft()
-            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped) - f.RECV_PACKET_OVERHEAD)
-        packets.append(f.encode_recv_packet(source, packet))
+            _, dropped = packets.popleft()
+            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped))
+        packets.append((source, packet))
         self._schedule_flush()
 
     def queue_control(self, data: list[bytes]) -> None:
@@ -624,11 +625,14 @@ class ClientConnection:
         batch = self._control
         self._control = []
         if self._packets:
+            header = f.recv_packet_header
+            sent_bytes = 0
+            for source, packet in self._packets:
+                sent_bytes += len(packet)
+                batch += (header(len(packet)), source, packet)
             stats = self.server.stats
-            count = len(self._packets)
-            stats.packets_sent += count
-            stats.bytes_sent += sum(map(len, self._packets)) - count * f.RECV_PACKET_OVERHEAD
-            batch.extend(self._packets)
+            stats.packets_sent += len(self._packets)
+            stats.bytes_sent += sent_bytes
             self._packets.clear()
         if batch:
             self.sink.write_frames(batch)
@@ -676,8 +680,8 @@ class ClientConnection:
             if timer is not None:
                 timer.cancel()
         self._handshake_deadline = self._write_deadline = self._keep_alive = None
-        for frame in self._packets:
-            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(frame) - f.RECV_PACKET_OVERHEAD)
+        for _, packet in self._packets:
+            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(packet))
         self._packets.clear()
         self._control.clear()
         self.server.stats.connections_closed[reason.value] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 
 import pytest
 from derprelay import frames as f
@@ -176,6 +177,31 @@ any_frame = st.one_of(
 @given(st.lists(any_frame, max_size=8))
 def test_round_trip_any_sequence(sequence: list[f.Frame]) -> None:
     assert decode_all(b"".join(frame.encode() for frame in sequence)) == sequence
+
+
+@given(
+    st.lists(any_frame, max_size=8),
+    st.lists(st.integers(1, 3000), max_size=12),
+    st.lists(st.integers(0, 3), max_size=12),
+)
+def test_any_chunking_and_a_reader_that_stops_early_yield_the_same_frames(
+    sequence: list[f.Frame], cuts: list[int], takes: list[int]
+) -> None:
+    """Frames split across chunks, and frames left unread when more bytes come
+    (the relay stops reading to admit a client), come out whole and in order."""
+    stream = b"".join(frame.encode() for frame in sequence)
+    decoder = f.FrameDecoder(f.MAX_SERVER_FRAME_LEN)
+    seen: list[f.Frame] = []
+    at = 0
+    for cut, take in zip(cuts, takes + [0] * len(cuts), strict=False):
+        decoder.receive_data(stream[at : at + cut])
+        at += cut
+        seen.extend(itertools.islice(decoder.frames(), take))
+        assert decoder.buffered == min(at, len(stream)) - sum(len(fr.encode()) for fr in seen)
+    decoder.receive_data(stream[at:])
+    seen.extend(decoder.frames())
+    assert seen == sequence
+    assert decoder.buffered == 0
 
 
 @given(st.binary(max_size=300))
