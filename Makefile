@@ -49,8 +49,11 @@ interop: setup
 BENCH := PATH="$(BIN):$$PATH" CACHE="$(CACHE)" bench/run
 
 ## bench: derp-relay vs. Tailscale's derper, side by side; writes bench/results.json and bench/RESULTS.md
+## BEFORE=<commit> measures that commit's relay too, in the same rounds (a git worktree in $(CACHE))
+BEFORE_TREE = $(CACHE)/bench-before-$(shell git rev-parse --short $(BEFORE))
 bench: setup
-	$(BENCH) -json results.json -markdown RESULTS.md -notes method.md $(if $(wildcard bench/results-before.json),-baseline results-before.json) $(BENCH_ARGS)
+	$(if $(BEFORE),git worktree prune && { test -d $(BEFORE_TREE) || git worktree add --detach $(BEFORE_TREE) $(BEFORE); })
+	$(BENCH) -json results.json -markdown RESULTS.md -notes method.md $(if $(BEFORE),-relay-before $(BEFORE_TREE)) $(BENCH_ARGS)
 
 ## bench-smoke: a few seconds of the benchmark, both relays (checks delivery, not speed)
 bench-smoke: setup

@@ -14,16 +14,18 @@ import (
 
 // machine describes where and what was measured.
 type machine struct {
-	CPU     string `json:"cpu"`
-	Cores   int    `json:"cores"`
-	Kernel  string `json:"kernel"`
-	Go      string `json:"go"`
-	Python  string `json:"python"`
-	Derper  string `json:"derper"`
-	Relay   string `json:"relay"`
-	Commit  string `json:"commit"`
-	Date    string `json:"date"`
-	Loadgen string `json:"loadgen"`
+	CPU    string `json:"cpu"`
+	Cores  int    `json:"cores"`
+	Kernel string `json:"kernel"`
+	Go     string `json:"go"`
+	Python string `json:"python"`
+	Derper string `json:"derper"`
+	Relay  string `json:"relay"`
+	Commit string `json:"commit"`
+	// BeforeCommit is the checkout measured as derp-relay-before, if any.
+	BeforeCommit string `json:"beforeCommit,omitempty"`
+	Date         string `json:"date"`
+	Loadgen      string `json:"loadgen"`
 }
 
 func describeMachine(relayBinary, derperBinary string) machine {

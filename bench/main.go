@@ -35,7 +35,7 @@ func main() {
 		loadCPU     = flag.Int("load-cpu", 1, "CPU this load generator runs on (bench/run pins it; recorded only)")
 		jsonOut     = flag.String("json", "", "write the results here")
 		markdownOut = flag.String("markdown", "", "render the results as markdown here (RESULTS.md)")
-		baseline    = flag.String("baseline", "", "an earlier results JSON: the markdown compares derp-relay with it")
+		relayBefore = flag.String("relay-before", "", "a checkout of derp-relay's source to measure too, as derp-relay-before, in the same rounds")
 		notes       = flag.String("notes", "", "markdown appended to the rendered results (method, reproduction)")
 		render      = flag.String("render", "", "render -markdown from this results JSON without measuring")
 		profileDir  = flag.String("profile", "", "record a py-spy profile of derp-relay per cell of round 1 here")
@@ -51,7 +51,7 @@ func main() {
 		if err != nil {
 			log.Fatal(err)
 		}
-		if err := renderMarkdown(r, *markdownOut, *baseline, *notes); err != nil {
+		if err := renderMarkdown(r, *markdownOut, *notes); err != nil {
 			log.Fatal(err)
 		}
 		return
@@ -75,6 +75,18 @@ func main() {
 		{kind: ours, binary: *relayBin, cpu: *relayCPU},
 		{kind: theirs, binary: *derperBin, cpu: *relayCPU},
 	}
+	beforeCommit := ""
+	if *relayBefore != "" {
+		source, err := filepath.Abs(filepath.Join(*relayBefore, "relay"))
+		if err == nil {
+			_, err = os.Stat(filepath.Join(source, "derprelay", "server.py"))
+		}
+		if err != nil {
+			log.Fatalf("-relay-before %s: not a derpfleet checkout: %v", *relayBefore, err)
+		}
+		beforeCommit = strings.TrimSpace(output("git", "-C", *relayBefore, "rev-parse", "--short", "HEAD"))
+		specs = append(specs, serverSpec{kind: before, binary: *relayBin, cpu: *relayCPU, env: []string{"PYTHONPATH=" + source}})
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -82,10 +94,15 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	r.Machine.BeforeCommit = beforeCommit
 	fmt.Println()
 	r.Machine.writeMarkdown(os.Stdout)
 	fmt.Println()
 	writeTable(os.Stdout, cfg, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
+	if _, ok := r.Median[before]; ok {
+		fmt.Println()
+		writeTable(os.Stdout, cfg, r.Median[ours], r.Median[before], "after", "before")
+	}
 	if *jsonOut != "" {
 		if err := r.writeJSON(*jsonOut); err != nil {
 			log.Fatal(err)
@@ -93,7 +110,7 @@ func main() {
 		log.Printf("results in %s", *jsonOut)
 	}
 	if *markdownOut != "" {
-		if err := renderMarkdown(r, *markdownOut, *baseline, *notes); err != nil {
+		if err := renderMarkdown(r, *markdownOut, *notes); err != nil {
 			log.Fatal(err)
 		}
 	}
@@ -237,16 +254,9 @@ func checkDelivered(r *results) error {
 	return errors.Join(errs...)
 }
 
-func renderMarkdown(r *results, path, baselinePath, notesPath string) error {
+func renderMarkdown(r *results, path, notesPath string) error {
 	if path == "" {
 		return errors.New("no -markdown path to render to")
-	}
-	var base *results
-	if baselinePath != "" {
-		var err error
-		if base, err = readResults(baselinePath); err != nil {
-			return err
-		}
 	}
 	var notes []byte
 	if notesPath != "" {
@@ -255,7 +265,7 @@ func renderMarkdown(r *results, path, baselinePath, notesPath string) error {
 			return err
 		}
 	}
-	if err := r.writeMarkdown(path, base, string(notes)); err != nil {
+	if err := r.writeMarkdown(path, string(notes)); err != nil {
 		return err
 	}
 	log.Printf("rendered %s", path)

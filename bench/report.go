@@ -48,7 +48,7 @@ type serverRun struct {
 // summarise fills Median with the median of every figure over the rounds.
 func (r *results) summarise() {
 	r.Median = map[serverKind]serverRun{}
-	for _, kind := range []serverKind{ours, theirs} {
+	for _, kind := range serverKinds {
 		var runs []serverRun
 		for _, run := range r.Runs {
 			if run.Server == kind {
@@ -218,9 +218,9 @@ func readResults(path string) (*results, error) {
 	return &r, nil
 }
 
-// writeMarkdown renders RESULTS.md: the machine, the table, how to reproduce,
-// and, given a baseline (an earlier run), our relay before and after.
-func (r *results) writeMarkdown(path string, baseline *results, notes string) error {
+// writeMarkdown renders RESULTS.md: the machine, the table, our relay before
+// and after (when a run measured derp-relay-before too), how to reproduce.
+func (r *results) writeMarkdown(path string, notes string) error {
 	var b strings.Builder
 	fmt.Fprintln(&b, "# derp-relay vs. Tailscale's derper")
 	fmt.Fprintln(&b)
@@ -235,12 +235,14 @@ func (r *results) writeMarkdown(path string, baseline *results, notes string) er
 		"for the latency figures. Relays pinned to CPU %d, the load generator to CPU %d.\n\n",
 		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.RelayCPU, c.LoadCPU)
 	writeTable(&b, c, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
-	if baseline != nil {
+	if earlier, ok := r.Median[before]; ok {
 		fmt.Fprintln(&b)
 		fmt.Fprintln(&b, "## derp-relay before and after the optimisations")
 		fmt.Fprintln(&b)
-		fmt.Fprintf(&b, "Before: %s, %s. After: this run.\n\n", baseline.Machine.Commit, baseline.Machine.Date)
-		writeTable(&b, c, r.Median[ours], baseline.Median[ours], "after", "before")
+		fmt.Fprintf(&b, "Before: derp-relay at %s; after: at %s. Both in the same interleaved rounds "+
+			"(derp-relay, derper, derp-relay-before, derp-relay, …), so machine drift falls on both.\n\n",
+			r.Machine.BeforeCommit, r.Machine.Commit)
+		writeTable(&b, c, r.Median[ours], earlier, "after", "before")
 	}
 	if notes != "" {
 		fmt.Fprintln(&b)

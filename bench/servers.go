@@ -16,13 +16,20 @@ import (
 	"time"
 )
 
-// serverKind names one of the two relays compared.
+// serverKind names one of the relays compared.
 type serverKind string
 
 const (
 	ours   serverKind = "derp-relay"
 	theirs serverKind = "derper"
+	// before is derp-relay from another checkout (-relay-before), measured in
+	// the same interleaved rounds: a machine whose speed drifts between runs
+	// (seen here: 25% from one run to the next) cannot compare two runs.
+	before serverKind = "derp-relay-before"
 )
+
+// serverKinds is every kind, in the order rounds run them.
+var serverKinds = []serverKind{ours, theirs, before}
 
 // serverStartTimeout bounds how long a relay may take to answer /derp/probe.
 const serverStartTimeout = 30 * time.Second
@@ -35,7 +42,8 @@ const clockTicksPerSecond = 100
 type serverSpec struct {
 	kind   serverKind
 	binary string
-	cpu    int // the CPU the relay is pinned to (taskset)
+	cpu    int      // the CPU the relay is pinned to (taskset)
+	env    []string // added to the environment (PYTHONPATH for the before checkout)
 }
 
 // args are the flags of one relay: the same listener, TLS certificate and
@@ -81,6 +89,7 @@ func startServer(ctx context.Context, spec serverSpec, cert *benchCert, dir stri
 	argv := append([]string{"-c", strconv.Itoa(spec.cpu), spec.binary}, spec.args(port, dir)...)
 	s := &server{spec: spec, port: port, logs: new(bytes.Buffer), exited: make(chan struct{})}
 	s.cmd = exec.Command("taskset", argv...)
+	s.cmd.Env = append(os.Environ(), spec.env...)
 	s.cmd.Stdout, s.cmd.Stderr = s.logs, s.logs
 	if err := s.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("starting %s: %w", spec.kind, err)
