@@ -148,6 +148,7 @@ async def test_client_that_stops_reading_loses_packets_and_is_dropped(
             while metric(relay, "derp_connections_closed_total", 'reason="write_timeout"') < 1:
                 for _ in range(64):  # 1 MiB between looks at the metric
                     await flooder.send(sleeper_key.public, packet)
+                await still_relaying()  # type: ignore[operator]
 
         await asyncio.wait_for(flood_until_sleeper_dropped(), RECV_TIMEOUT)
         await still_relaying()  # type: ignore[operator]
