@@ -12,6 +12,18 @@ Conditions follow ``metav1.Condition``.  Their meaning:
 
 Unready pods during a rollout are expected, so they make the region
 Progressing, not Degraded; that keeps Degraded from flapping on every update.
+
+Two more conditions say the same for GitOps tools, in kstatus's
+"abnormal-true" form that Flux's health checks (cli-utils' kstatus) read from
+any custom resource. Without them kstatus falls back to Ready alone: a region
+serving from one relay of two while the other fails probes reads as Current,
+and a region that needs a human (an ID conflict) as InProgress for ever.
+
+* **Stalled** — Degraded is True: a human is needed (kstatus: Failed).
+* **Reconciling** — not Stalled, and still rolling out or not Ready yet
+  (kstatus: InProgress).
+
+Neither True means Ready, rolled out and not Degraded (kstatus: Current).
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ from .observed import NodeHealth, NodeView, ObservedRegion, view_region
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
 MAX_MESSAGE_NODES = 5
 """Messages list this many troubled relays, then say how many more: conditions stay readable."""
 
@@ -117,7 +131,24 @@ def compute_conditions(
         degraded = Condition(DEGRADED, True, "RelaysUnhealthy", f"{counts}: {_node_list(troubled)}")
     else:
         degraded = Condition(DEGRADED, False, "AsExpected", counts)
-    return [ready, progressing, degraded]
+    return [ready, progressing, degraded, *kstatus_conditions(ready, progressing, degraded)]
+
+
+def kstatus_conditions(ready: Condition, progressing: Condition, degraded: Condition) -> list[Condition]:
+    """Reconciling and Stalled, derived from the three conditions (see the module docstring).
+
+    Each carries the reason and message of the condition that decided it, so a
+    GitOps tool shows the same words as ``kubectl describe``.
+    """
+    if degraded.status:
+        decided, working = degraded, False
+    elif progressing.status:
+        decided, working = progressing, True
+    else:
+        decided, working = ready, not ready.status
+    reconciling = Condition(RECONCILING, working, decided.reason, decided.message)
+    stalled = Condition(STALLED, degraded.status, degraded.reason, degraded.message)
+    return [reconciling, stalled]
 
 
 def merge_conditions(
@@ -226,11 +257,10 @@ def invalid_spec_status(
     previous_status: Mapping[str, Any], message: str, generation: int, now: datetime.datetime
 ) -> dict[str, Any]:
     """A spec the operator cannot run: not Ready, not progressing anywhere, Degraded until fixed."""
-    conditions = [
-        Condition(READY, False, "InvalidSpec", message),
-        Condition(PROGRESSING, False, "InvalidSpec", message),
-        Condition(DEGRADED, True, "InvalidSpec", message),
-    ]
+    ready = Condition(READY, False, "InvalidSpec", message)
+    progressing = Condition(PROGRESSING, False, "InvalidSpec", message)
+    degraded = Condition(DEGRADED, True, "InvalidSpec", message)
+    conditions = [ready, progressing, degraded, *kstatus_conditions(ready, progressing, degraded)]
     return {
         "observedGeneration": generation,
         "conditions": merge_conditions(previous_status.get("conditions") or [], conditions, generation, now),

@@ -96,6 +96,8 @@ def test_all_healthy() -> None:
         "Ready": (True, "RelaysServing", "2/2 relays healthy and published in the DERP map"),
         "Progressing": (False, "RolloutComplete", "all 2 relays run the current spec"),
         "Degraded": (False, "AsExpected", "2/2 relays healthy"),
+        "Reconciling": (False, "RelaysServing", "2/2 relays healthy and published in the DERP map"),
+        "Stalled": (False, "AsExpected", "2/2 relays healthy"),
     }
 
 
@@ -108,6 +110,12 @@ def test_starting_relays_are_progress_not_degradation() -> None:
             "1/2 relays ready (waiting for 900b: pod derp-fra-1 ContainerCreating)",
         ),
         "Degraded": (False, "AsExpected", "1/2 relays healthy"),
+        "Reconciling": (
+            True,
+            "RollingOut",
+            "1/2 relays ready (waiting for 900b: pod derp-fra-1 ContainerCreating)",
+        ),
+        "Stalled": (False, "AsExpected", "1/2 relays healthy"),
     }
 
 
@@ -121,12 +129,16 @@ def test_nothing_running_yet() -> None:
         "0/2 relays healthy: 900a: no pod yet; 900b: no pod yet",
     )
     assert got["Degraded"][0] is False
+    assert got["Reconciling"][:2] == (True, "RollingOut")
 
 
 def test_failing_probes_degrade_even_mid_rollout() -> None:
     got = conditions(healthy(0), probe_failing(1), rollout=ROLLING)
     assert got["Degraded"] == (True, "RelaysUnhealthy", "1/2 relays healthy: 900b: probe failed: EOF")
     assert got["Ready"][0] is True
+    # kstatus reads the first abnormal condition: Stalled must not hide behind Reconciling.
+    assert got["Stalled"] == got["Degraded"]
+    assert got["Reconciling"] == (False, *got["Degraded"][1:])
 
 
 def test_stuck_pods_degrade() -> None:
@@ -155,6 +167,7 @@ def test_blocking_problems_win() -> None:
     message = "regionID 900 is already used by DerpRegion derp/old; Secret mine not found"
     assert got["Ready"] == (False, "RegionIDConflict", message)
     assert got["Degraded"] == (True, "RegionIDConflict", message)
+    assert got["Stalled"] == (True, "RegionIDConflict", message)
 
 
 def test_long_node_lists_are_cut_short() -> None:
@@ -264,6 +277,8 @@ def test_an_invalid_spec_is_degraded_and_neither_ready_nor_progressing() -> None
         ("Ready", "False", "InvalidSpec"),
         ("Progressing", "False", "InvalidSpec"),
         ("Degraded", "True", "InvalidSpec"),
+        ("Reconciling", "False", "InvalidSpec"),
+        ("Stalled", "True", "InvalidSpec"),
     ]
     assert {c["message"] for c in status["conditions"]} == {"spec.replicas: must be at most 26"}
     assert condition_of(status, "Degraded") == status["conditions"][2]
