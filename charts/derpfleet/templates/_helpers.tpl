@@ -14,3 +14,38 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 app.kubernetes.io/name: derpfleet-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/*
+What the operator does in a namespace it serves: watch DerpRegions and what
+they own, apply the relays' objects, post Events. Secrets are read and written
+by name only (no list/watch of every Secret).
+*/}}
+{{- define "derpfleet.regionRules" }}
+  - apiGroups: [derpfleet.io]
+    resources: [derpregions]
+    verbs: [get, list, watch, patch, update]
+  - apiGroups: [derpfleet.io]
+    resources: [derpregions/status]
+    verbs: [get, patch, update]
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [get, list, watch]
+  - apiGroups: [""]
+    resources: [secrets]
+    verbs: [get, create, patch]
+  - apiGroups: [""]
+    resources: [configmaps, services]
+    verbs: [get, list, watch, create, patch]
+  - apiGroups: [apps]
+    resources: [statefulsets]
+    verbs: [get, list, watch, create, patch]
+  - apiGroups: [policy]
+    resources: [poddisruptionbudgets]
+    verbs: [get, list, watch, create, patch]
+  - apiGroups: [cert-manager.io]
+    resources: [certificates]
+    verbs: [get, create, patch]
+  - apiGroups: ["", events.k8s.io]
+    resources: [events]
+    verbs: [create, patch]
+{{- end }}
