@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds bench bench-smoke bench-profile
+.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -69,6 +69,10 @@ bench-profile: setup
 ## chart-crds: copy the CRD (crds/ is its single source) into the Helm chart
 chart-crds:
 	cp crds/derpregion.yaml charts/derpfleet/crds/derpregion.yaml
+
+## bundle: render the chart into deploy/derpfleet.yaml, the single-file `kubectl apply -f` install
+bundle: cluster-build chart-crds
+	$(CLUSTER_ENV) $(BIN)/python -m derpcluster.bundle
 
 CLUSTER_ENV := PYTHONPATH=e2e/cluster CACHE="$(CACHE)" PATH="$(BIN):$$PATH"
 CLUSTER := $(CLUSTER_ENV) $(BIN)/python -m derpcluster
