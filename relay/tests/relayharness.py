@@ -92,9 +92,9 @@ class RelayProcess:
         return self.process.returncode
 
 
-def start_relay(workdir: Path, *extra: str) -> RelayProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [
+def relay_command(workdir: Path, *extra: str) -> list[str]:
+    """The relay's command line: loopback, ephemeral ports, files in ``workdir``; ``extra`` wins."""
+    return [
         sys.executable,
         "-m",
         "derprelay.cli",
@@ -114,7 +114,12 @@ def start_relay(workdir: Path, *extra: str) -> RelayProcess:
         "debug",
         *extra,
     ]
-    relay = RelayProcess(args, workdir)
+
+
+def start_relay(workdir: Path, *extra: str, wrapper: tuple[str, ...] = ()) -> RelayProcess:
+    """Start a relay; ``wrapper`` is a command that runs it (e.g. in a network namespace)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    relay = RelayProcess([*wrapper, *relay_command(workdir, *extra)], workdir)
     relay.launch()
     return relay
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from derprelay.debug import DebugAccess, DebugConfigError, describe_views, rende
 from derprelay.keys import NodePrivateKey, public_key_text
 from derprelay.mesh import MeshViews
 from derprelay.server import ConnectionTraffic
-from relayharness import RelayProcess, fetch, free_port, metric, new_client, start_pair
+from relayharness import RelayProcess, fetch, free_port, metric, new_client, start_pair, start_relay
 from test_mesh import deliver
 
 # --- access, as derper's tsweb.AllowDebugAccess --------------------------------------
@@ -217,6 +219,63 @@ def test_debug_refused_through_a_proxy_and_counted(relay: RelayProcess) -> None:
     assert fetch(relay, "/metrics", {"X-Forwarded-For": "203.0.113.9"})[0] == 403
     assert metric(relay, "derp_http_requests", 'route="debug_denied"', path="/debug/varz") == 2
     assert "debug access denied" in relay.log()
+
+
+NETNS_ADDRESS = "192.0.2.1"
+"""A documentation address (TEST-NET-1), given to loopback inside the test's own network namespace."""
+
+IN_NETNS = (
+    "unshare",
+    "--net",
+    "sh",
+    "-c",
+    f'ip link set lo up && ip addr add {NETNS_ADDRESS}/32 dev lo && exec "$@"',
+    "sh",
+)
+"""Runs the relay in a new network namespace where it can be reached from a non-loopback address."""
+
+_GET_STATUS = """
+import ssl, sys, urllib.error, urllib.request
+try:
+    answer = urllib.request.urlopen(sys.argv[1], context=ssl._create_unverified_context(), timeout=10)
+    print(answer.status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+"""
+
+
+def status_in_netns(relay: RelayProcess, host: str, path: str) -> int:
+    """GET from inside the relay's namespace; the kernel sends from ``host`` itself."""
+    url = f"https://{host}:{relay.status['derpPort']}{path}"
+    answer = subprocess.run(
+        ["nsenter", f"--net=/proc/{relay.process.pid}/ns/net", sys.executable, "-c", _GET_STATUS, url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return int(answer.stdout)
+
+
+def test_debug_pages_refuse_other_addresses_unless_allowed(tmp_path: Path) -> None:
+    refusing = start_relay(
+        tmp_path / "refusing", "-a", "0.0.0.0:0", "--debug-allow", "198.51.100.0/24", wrapper=IN_NETNS
+    )
+    try:
+        assert status_in_netns(refusing, NETNS_ADDRESS, "/debug/varz") == 403
+        assert status_in_netns(refusing, NETNS_ADDRESS, "/metrics") == 403
+        assert status_in_netns(refusing, NETNS_ADDRESS, "/derp/probe") == 200  # the rest is public
+        assert status_in_netns(refusing, "127.0.0.1", "/debug/") == 200
+    finally:
+        refusing.stop()
+    assert f"{NETNS_ADDRESS}:" in refusing.log() and "debug access denied to /metrics" in refusing.log()
+    allowing = start_relay(
+        tmp_path / "allowing", "-a", "0.0.0.0:0", "--debug-allow", "192.0.2.0/24", wrapper=IN_NETNS
+    )
+    try:
+        assert status_in_netns(allowing, NETNS_ADDRESS, "/debug/varz") == 200
+    finally:
+        allowing.stop()
 
 
 def test_bad_debug_allow_list_is_refused_at_start(relay_factory: Callable[..., RelayProcess]) -> None:
