@@ -17,7 +17,6 @@ var derperOnlyMetrics = map[string]string{
 	"derp_buffered_write_frames":               "histogram of frames per bufio flush in derper's send loop; ours writes one batch per event-loop turn",
 	"derp_mesh_update_batch_size":              "derper batches PeerPresent/PeerGone for watchers in a loop; ours sends each as it happens",
 	"derp_mesh_update_loop_count":              "as derp_mesh_update_batch_size: no update loop to measure",
-	"derp_tcp_rtt":                             "derper samples TCP_INFO RTTs of client sockets; ours does not read TCP_INFO",
 	"derp_memstats_sys0":                       "Go memory at start; see process_resident_memory_bytes",
 	"bootstrap_dns_published_hits":             "derper answers per-name ?q= queries from a published list; ours serves the configured names only",
 	"bootstrap_dns_published_misses":           "as bootstrap_dns_published_hits",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from . import http11
 from . import websocket as ws
 from .debug import DebugSite, Reply
 from .frames import PROTOCOL_VERSION
-from .metrics import RelayStats
+from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
 
@@ -37,6 +38,12 @@ CHALLENGE_HEADER = "x-tailscale-challenge"
 RESPONSE_HEADER = "X-Tailscale-Response"
 MAX_CHALLENGE_LEN = 64
 _CHALLENGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+
+TCP_RTT_INTERVAL = 10.0
+"""Seconds between samples of a DERP connection's TCP round-trip time, as derper."""
+
+TCP_INFO_LEN = 104
+"""Bytes of struct tcp_info to ask for: enough for tcpi_rtt on every Linux since 2.6."""
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Transport buffer above which a client counts as not reading (pause_writing)."""
@@ -90,6 +97,7 @@ class RelayHttpProtocol(asyncio.Protocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._tls_version = ""
         self._answer: asyncio.Task[None] | None = None
+        self._rtt_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -135,6 +143,8 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._site.stats.tls_versions_active[self._tls_version] -= 1
         if self._answer is not None:
             self._answer.cancel()
+        if self._rtt_timer is not None:
+            self._rtt_timer.cancel()
         if self._conn is not None:
             self._conn.connection_lost()
 
@@ -337,8 +347,23 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._peer,
             not_ideal=bool(request.header(IDEAL_NODE_HEADER)),
         )
+        self._sample_tcp_rtt()
         if rest:
             self._conn.receive_data(rest)
+
+    def _sample_tcp_rtt(self) -> None:
+        """derper's derp_tcp_rtt: at connect (ours), then every TCP_RTT_INTERVAL while open."""
+        self._rtt_timer = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        sock = self._transport.get_extra_info("socket")
+        try:
+            rtt = tcp_info_rtt(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+        except (OSError, AttributeError, ValueError):
+            self._site.stats.tcp_rtt["error"] += 1  # derper's label when TCP_INFO is unavailable
+            return
+        self._site.stats.tcp_rtt[tcp_rtt_label(rtt)] += 1
+        self._rtt_timer = asyncio.get_running_loop().call_later(TCP_RTT_INTERVAL, self._sample_tcp_rtt)
 
     def _websocket_data(self, data: bytes) -> None:
         assert self._ws is not None and self._conn is not None and self._transport is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,6 +57,31 @@ class DropReason(enum.StrEnum):
 
 PACKET_KINDS = ("disco", "other")
 """derper's ``kind`` label: disco packets, and everything else (WireGuard)."""
+
+TCP_RTT_BUCKETS: tuple[tuple[float, str], ...] = tuple(
+    (ms / 1000, f"{ms}ms") for ms in (10, 20, 50, 100, 150, 250, 500)
+)
+"""derper's derp_tcp_rtt ``le`` labels: the smallest bound a sample fits under, else ``inf``."""
+
+TCP_INFO_RTT = struct.Struct("=I")
+TCP_INFO_RTT_OFFSET = 68
+"""Linux struct tcp_info: 8 one-byte fields, then u32s of which tcpi_rtt (microseconds) is the 16th."""
+
+
+def tcp_rtt_label(seconds: float) -> str:
+    for bound, label in TCP_RTT_BUCKETS:
+        if seconds <= bound:
+            return label
+    return "inf"
+
+
+def tcp_info_rtt(info: bytes) -> float:
+    """The smoothed round-trip time in seconds from a TCP_INFO ``getsockopt`` answer."""
+    if len(info) < TCP_INFO_RTT_OFFSET + TCP_INFO_RTT.size:
+        raise ValueError(f"tcp_info of {len(info)} bytes has no tcpi_rtt")
+    (microseconds,) = TCP_INFO_RTT.unpack_from(info, TCP_INFO_RTT_OFFSET)
+    return int(microseconds) / 1e6
+
 
 QUEUE_AVERAGE_ALPHA = 0.1
 """Weight of the newest sample in derper's moving average of queue time."""
@@ -98,6 +124,8 @@ class RelayStats:
     stun_families: Counter[str] = field(default_factory=Counter)
     tls_versions_requested: Counter[str] = field(default_factory=Counter)
     tls_versions_active: Counter[str] = field(default_factory=Counter)
+    tcp_rtt: Counter[str] = field(default_factory=Counter)
+    """RTT samples of client connections by derper's ``le`` label (see :func:`tcp_rtt_label`)."""
 
     def drop(self, reason: str, packet: bytes) -> None:
         kind = "disco" if looks_like_disco(packet) else "other"
@@ -263,6 +291,13 @@ def relay_families(
             c,
             "PeerGone from a mesh peer that was not forwarding the key",
             s.forwarder_delete_other,
+        ),
+        _labelled(
+            "derp_tcp_rtt",
+            c,
+            "TCP round-trip samples of DERP connections, by bucket",
+            "le",
+            s.tcp_rtt.items(),
         ),
         _one("derp_websocket_accepts", c, "DERP-over-WebSocket connections", s.websocket_accepts),
         _one(

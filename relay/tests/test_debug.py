@@ -118,6 +118,22 @@ def test_index_traffic_rounds_and_mesh_views() -> None:
     ]
 
 
+def test_tcp_rtt_buckets_and_tcp_info() -> None:
+    assert [metrics.tcp_rtt_label(s) for s in (0.0004, 0.010, 0.0101, 0.3, 0.5, 2.0)] == [
+        "10ms",
+        "10ms",
+        "20ms",
+        "500ms",
+        "500ms",
+        "inf",
+    ]
+    info = bytearray(104)
+    info[68:72] = (123_456).to_bytes(4, sys.byteorder)
+    assert metrics.tcp_info_rtt(bytes(info)) == pytest.approx(0.123456)
+    with pytest.raises(ValueError, match="no tcpi_rtt"):
+        metrics.tcp_info_rtt(bytes(40))
+
+
 def test_collapsed_stacks() -> None:
     samples: Counter[tuple[str, ...]] = Counter({("main", "loop", "relay;route"): 3, ("main",): 1})
     assert profiling.collapse(samples) == "main;loop;relay;route 3\nmain 1\n"
@@ -154,6 +170,7 @@ async def test_debug_pages_on_a_relay(relay: RelayProcess) -> None:
 
         status, _, body = fetch(relay, "/debug/vars")
         assert status == 200 and json.loads(body)["derp_packets_sent"] == 1
+        assert json.loads(body)["derp_tcp_rtt"] == {"le=10ms": 1}  # loopback, sampled at connect
         assert metric(relay, "derp_packets_sent", path="/debug/varz") == 1
         assert metric(relay, "derp_packets_sent_total") == 1  # /metrics keeps prometheus-client's names
         assert metric(relay, "process_open_fds", path="/debug/varz") > 0
