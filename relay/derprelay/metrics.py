@@ -16,11 +16,13 @@ from __future__ import annotations
 import enum
 import json
 import os
+import resource
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -209,6 +211,49 @@ def _drops(name: str, help_: str, counts: Counter[tuple[str, str]]) -> Family:
     """Every reason x kind, zeros included, as derper shows them (an alert can rate() a zero)."""
     samples = tuple(((reason, kind), counts[reason, kind]) for reason in DropReason for kind in PACKET_KINDS)
     return Family(name, MetricType.COUNTER, help_, ("reason", "kind"), samples)
+
+
+UNLIMITED = float(2**64 - 1)
+"""How Go's process collector (derper) shows an unlimited address space."""
+
+
+def parse_ip_octets(netstat: str) -> tuple[int, int]:
+    """InOctets and OutOctets from /proc/<pid>/net/netstat: the network namespace's IP bytes."""
+    rows = [line.split() for line in netstat.splitlines() if line.startswith("IpExt:")]
+    if len(rows) != 2 or len(rows[0]) != len(rows[1]):
+        raise ValueError("no IpExt header and value lines")
+    values = dict(zip(rows[0][1:], rows[1][1:], strict=True))
+    return int(values["InOctets"]), int(values["OutOctets"])
+
+
+def process_families() -> list[Family]:
+    """The process figures derper's Go collector has and Python's prometheus-client lacks."""
+    c, gauge = MetricType.COUNTER, MetricType.GAUGE
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    families = [
+        _one(
+            "process_virtual_memory_max_bytes",
+            gauge,
+            "Address space limit",
+            UNLIMITED if limit == resource.RLIM_INFINITY else limit,
+        )
+    ]
+    try:
+        received, sent = parse_ip_octets(Path("/proc/self/net/netstat").read_text())
+    except (OSError, ValueError, KeyError):
+        return families
+    return [
+        *families,
+        _one(
+            "process_network_receive_bytes_total",
+            c,
+            "IP bytes received in the relay's network namespace",
+            received,
+        ),
+        _one(
+            "process_network_transmit_bytes_total", c, "IP bytes sent in the relay's network namespace", sent
+        ),
+    ]
 
 
 def open_file_descriptors() -> int:
@@ -406,6 +451,7 @@ def relay_families(
             "peer",
             ((p.name, p.clients) for p in mesh),
         ),
+        *process_families(),
     ]
 
 

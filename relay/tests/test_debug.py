@@ -134,6 +134,13 @@ def test_tcp_rtt_buckets_and_tcp_info() -> None:
         metrics.tcp_info_rtt(bytes(40))
 
 
+def test_ip_octets_from_netstat() -> None:
+    netstat = "TcpExt: A B\nTcpExt: 1 2\nIpExt: InNoRoutes InOctets OutOctets\nIpExt: 0 1234 5678\n"
+    assert metrics.parse_ip_octets(netstat) == (1234, 5678)
+    with pytest.raises(ValueError, match="no IpExt"):
+        metrics.parse_ip_octets("TcpExt: A\nTcpExt: 1\n")
+
+
 def test_collapsed_stacks() -> None:
     samples: Counter[tuple[str, ...]] = Counter({("main", "loop", "relay;route"): 3, ("main",): 1})
     assert profiling.collapse(samples) == "main;loop;relay;route 3\nmain 1\n"
