@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 DISCO_MAGIC = "TS💬".encode()
 DISCO_MIN_LEN = len(DISCO_MAGIC) + 32 + 24
 """A disco (path discovery) packet: magic, sender's disco key, nonce."""
+DISCO_FIRST_BYTE = DISCO_MAGIC[0]
 
 
 def looks_like_disco(packet: bytes) -> bool:

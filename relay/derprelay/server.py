@@ -28,7 +28,15 @@ from typing import Any, Protocol
 
 from . import frames as f
 from .keys import KEY_LEN, BoxOpenError, MeshKey, NodePrivateKey, short_key
-from .metrics import DISCO_MAGIC, DISCO_MIN_LEN, DropReason, Gauges, RelayStats, looks_like_disco
+from .metrics import (
+    DISCO_FIRST_BYTE,
+    DISCO_MAGIC,
+    DISCO_MIN_LEN,
+    DropReason,
+    Gauges,
+    RelayStats,
+    looks_like_disco,
+)
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("derprelay")
@@ -424,8 +432,9 @@ class ClientConnection:
         self.preferred = False
         self.sources_seen: set[bytes] = set()
         self.bytes_received = 0
+        """DERP stream bytes read from the client (frames, counted per read), for /debug/traffic."""
         self.bytes_sent = 0
-        """Packet bytes of this connection, for /debug/traffic."""
+        """Packet bytes written to the client, for /debug/traffic."""
         self._state = _State.AWAIT_CLIENT_INFO
         self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
         self._control: list[bytes] = []
@@ -472,6 +481,7 @@ class ClientConnection:
         """Feed bytes from the transport; handles every complete frame."""
         if self._state is _State.CLOSED:
             return
+        self.bytes_received += len(data)
         self._decoder.receive_data(data)
         self._process_frames()
         if self._recv_limit is not None and self._state is _State.RUNNING:
@@ -572,8 +582,8 @@ class ClientConnection:
             size = len(packet)
             stats.packets_received += 1
             stats.bytes_received += size
-            self.bytes_received += size
-            if packet.startswith(DISCO_MAGIC) and size >= DISCO_MIN_LEN:
+            # The first byte settles it for WireGuard packets (types 1-4): cheaper than startswith.
+            if size >= DISCO_MIN_LEN and packet[0] == DISCO_FIRST_BYTE and packet.startswith(DISCO_MAGIC):
                 stats.disco_packets_received += 1
             server.route(self, self.key, frame.destination, frame.packet)
         elif isinstance(frame, f.ForwardPacket):
