@@ -86,33 +86,50 @@ func prefixLogf(t testing.TB, name string) func(string, ...any) {
 	}
 }
 
-// metricsClient fetches the relay's Prometheus text over its pinned TLS.
+// scrapeMetrics fetches the relay's /metrics over its pinned TLS.
 func (r *relayProc) scrapeMetrics(ctx context.Context) (map[string]float64, error) {
-	tr := &http.Transport{}
-	scheme := "http"
-	if r.Status.TLS {
-		cfg, err := pinnedTLSConfig(r.Status.CertName)
-		if err != nil {
-			return nil, err
-		}
-		tr.TLSClientConfig = cfg
-		scheme = "https"
-	}
-	defer tr.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, "GET", scheme+"://"+r.DERPAddr()+"/metrics", nil)
+	body, err := r.get(ctx, "/metrics")
 	if err != nil {
 		return nil, err
+	}
+	return parsePromText(strings.NewReader(body))
+}
+
+// get fetches one of the relay's plain HTTP pages over its pinned TLS.
+func (r *relayProc) get(ctx context.Context, path string) (string, error) {
+	var cfg *tls.Config
+	scheme := "http"
+	if r.Status.TLS {
+		var err error
+		if cfg, err = pinnedTLSConfig(r.Status.CertName); err != nil {
+			return "", err
+		}
+		scheme = "https"
+	}
+	return getText(ctx, scheme+"://"+r.DERPAddr()+path, cfg)
+}
+
+// getText GETs url and returns the body of a 200 answer.
+func getText(ctx context.Context, url string, cfg *tls.Config) (string, error) {
+	tr := &http.Transport{TLSClientConfig: cfg}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return "", err
 	}
 	res, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(io.LimitReader(res.Body, 4<<10))
-		return nil, fmt.Errorf("GET /metrics: %s: %s", res.Status, b)
+	b, err := io.ReadAll(io.LimitReader(res.Body, 4<<20))
+	if err != nil {
+		return "", err
 	}
-	return parsePromText(res.Body)
+	if res.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET %s: %s: %.4000s", url, res.Status, b)
+	}
+	return string(b), nil
 }
 
 // parsePromText reads the Prometheus text format into "name{labels}" -> value.

@@ -38,7 +38,7 @@ func TestNetcheck(t *testing.T) {
 				c.ReceiveSTUNPacket(buf[:n], src)
 			}
 		}()
-		before := relay.metric(t, "derp_stun_requests_total")
+		before := relay.metric(t, `stun_requests_total{disposition="success"}`)
 		r, err := c.GetReport(ctx, dm, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -55,8 +55,8 @@ func TestNetcheck(t *testing.T) {
 		if r.GlobalV4 != netip.AddrPortFrom(local.Addr().Unmap(), local.Port()) {
 			t.Errorf("GlobalV4 (our STUN's mapped address) = %v, want the probing socket %v", r.GlobalV4, local)
 		}
-		if after := relay.metric(t, "derp_stun_requests_total"); after <= before {
-			t.Errorf("derp_stun_requests_total %v -> %v: the answers did not come from our relay", before, after)
+		if after := relay.metric(t, `stun_requests_total{disposition="success"}`); after <= before {
+			t.Errorf("stun_requests_total{disposition=success} %v -> %v: the answers did not come from our relay", before, after)
 		}
 	})
 

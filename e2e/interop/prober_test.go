@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"tailscale.com/prober"
+	"tailscale.com/tailcfg"
 )
 
 // startRelayRegion starts n of our relays meshed into one region (each lists
@@ -43,17 +44,19 @@ func startRelayRegion(t *testing.T, n int) ([]*relayProc, string) {
 	return relays, meshKeyFile
 }
 
-// TestProber: Tailscale's DERP prober, given a DERP map file holding a
-// two-node region of our relays, passes its mesh, bandwidth and STUN probes.
-func TestProber(t *testing.T) {
-	relays, _ := startRelayRegion(t, 2)
-	// The prober insists that the TLS server name equals the node's
-	// HostName, and Go records no server name for an IP address: name the
-	// nodes "localhost" (dialed at their IPv4, trusted by the CertName pin).
-	a, b := relays[0].Node("900a"), relays[1].Node("900b")
-	a.HostName, b.HostName = "localhost", "localhost"
-	dm := derpMapOf(a, b)
-	js, err := json.Marshal(dm)
+// writeProberMap writes a DERP map of the relays (900a, 900b, …) for the
+// prober and returns its path. The prober insists that the TLS server name
+// equals the node's HostName, and Go records no server name for an IP
+// address: the nodes are named "localhost" (dialed at their IPv4, trusted by
+// the CertName pin).
+func writeProberMap(t *testing.T, relays []*relayProc) string {
+	t.Helper()
+	nodes := make([]*tailcfg.DERPNode, len(relays))
+	for i, r := range relays {
+		nodes[i] = r.Node("900" + string(rune('a'+i)))
+		nodes[i].HostName = "localhost"
+	}
+	js, err := json.Marshal(derpMapOf(nodes...))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,6 +64,14 @@ func TestProber(t *testing.T) {
 	if err := os.WriteFile(mapFile, js, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return mapFile
+}
+
+// TestProber: Tailscale's DERP prober, given a DERP map file holding a
+// two-node region of our relays, passes its mesh, bandwidth and STUN probes.
+func TestProber(t *testing.T) {
+	relays, _ := startRelayRegion(t, 2)
+	mapFile := writeProberMap(t, relays)
 
 	// The interval also bounds each probe (probes time out just before it).
 	const interval = 20 * time.Second

@@ -44,7 +44,7 @@ func newTestCert(t testing.TB) *testCert {
 		// named "127.0.0.1" in one bundle would shadow each other.
 		Subject:               pkix.Name{CommonName: "interop-" + serial.Text(36)},
 		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
+		NotAfter:              now.Add(30 * 24 * time.Hour), // past the prober's 7-day expiry warning
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		BasicConstraintsValid: true,

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ import yaml
 from conftest import WAIT, crd_manifest, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from derpcluster import binaries
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
@@ -370,6 +372,49 @@ def test_a_region_comes_up_probed_and_published(
     )
     status, metrics = operators[0].http("/metrics")
     assert 'derpfleet_region_ready{namespace="derp",region="lab"} 1.0' in metrics
+
+
+@pytest.fixture(scope="module")
+def derpprobe() -> Path:
+    """Tailscale's derpprobe from the module e2e/interop pins, where e2e/interop/run caches it."""
+    interop = REPO / "e2e" / "interop"
+    version = binaries.pinned_version(interop, "tailscale.com")
+    path = binaries.cache_dir() / f"tailscale-{version}" / "derpprobe"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("derpprobe.partial")
+        subprocess.run(
+            ["go", "build", "-o", str(partial), "tailscale.com/cmd/derpprobe"],
+            cwd=interop,
+            env=binaries.go_env(binaries.cache_dir()),
+            check=True,
+            timeout=600,
+        )
+        partial.rename(path)
+    return path
+
+
+def test_derpprobe_reaches_every_relay_of_the_published_map(
+    operators: list[OperatorProcess], derpprobe: Path
+) -> None:
+    """Tailscale's derpprobe -once, fed the operator's /derpmap.json, gets every relay's STUN answer.
+
+    Its TLS and mesh probes want nodes named by DNS (the TLS server name must
+    equal the HostName) and these are named by their nodes' IPs, so they are
+    off here; e2e/interop runs them against named relays.
+    """
+    url = f"http://127.0.0.1:{operators[0].port}/derpmap.json"
+    intervals = ["-interval", "20s", "-stun-interval", "20s", "-tls-interval", "0", "-mesh-interval", "0"]
+    probe = subprocess.run(
+        [str(derpprobe), "-once", "-spread=false", "-derp-map", url, *intervals],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    good = set(re.findall(r"good: (\S+):", probe.stderr))
+    assert good == {"derpmap-probe", "derp/lab/901a/udp", "derp/lab/901b/udp"}, probe.stderr
 
 
 def test_the_api_server_rejects_an_invalid_spec_with_the_schemas_message(kubectl: Kubectl) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 from derprelay.certs import CertError, CertMaterial, load_files
+from derprelay.debug import DebugConfigError, parse_networks
 
 from .conflicts import find_region_id_conflicts
 from .credentials import CredentialError, certificate_pin, generate_mesh_key, generate_region_certificate
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
     render.add_argument(
+        "--relay-debug-allow",
+        default="",
+        metavar="CIDRS",
+        help="CIDRs (commas) the relays also serve /debug/ and /metrics to, e.g. the pod network Prometheus scrapes from",
+    )
+    render.add_argument(
         "--mesh-key-file", type=Path, help="the region's mesh key (64 hex digits); default: a new one"
     )
     render.add_argument(
@@ -144,6 +151,12 @@ def _add_operator_command(commands: Any) -> None:
     run.add_argument("--kubeconfig", help="kubeconfig to use outside a cluster (default: $KUBECONFIG)")
     run.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
     run.add_argument(
+        "--relay-debug-allow",
+        default="",
+        metavar="CIDRS",
+        help="CIDRs (commas) the relays also serve /debug/ and /metrics to, e.g. the pod network Prometheus scrapes from",
+    )
+    run.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -172,6 +185,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             map_name=args.map_name,
             probe_interval=args.probe_interval,
             cluster_domain=args.cluster_domain,
+            relay_debug_allow=_relay_debug_allow(args.relay_debug_allow),
         ),
         listen_host=host,
         listen_port=port,
@@ -224,7 +238,18 @@ def _documents(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def load_regions(paths: Sequence[Path], namespace: str | None, cluster_domain: str) -> list[LoadedRegion]:
+def _relay_debug_allow(text: str) -> str:
+    """Check ``--relay-debug-allow`` as the relay will, so a typo fails here and not in every pod."""
+    try:
+        parse_networks(text)
+    except DebugConfigError as exc:
+        raise UsageError(f"--relay-debug-allow: {exc}") from None
+    return ",".join(text.replace(",", " ").split())
+
+
+def load_regions(
+    paths: Sequence[Path], namespace: str | None, cluster_domain: str, relay_debug_allow: str = ""
+) -> list[LoadedRegion]:
     """Parse every DerpRegion in the files, collecting all problems before giving up."""
     regions: list[LoadedRegion] = []
     problems: list[str] = []
@@ -242,6 +267,7 @@ def load_regions(paths: Sequence[Path], namespace: str | None, cluster_domain: s
                 namespace=str(own_namespace or namespace or "default"),
                 uid="",
                 cluster_domain=cluster_domain,
+                relay_debug_allow=relay_debug_allow,
             )
             try:
                 check_region_name(ref.name)
@@ -335,7 +361,9 @@ def _read_certificate(args: argparse.Namespace, region: LoadedRegion) -> CertMat
 
 def render_files(args: argparse.Namespace) -> list[Manifest]:
     """Everything ``derpfleet render`` prints, in apply order, the DERP map last."""
-    regions = load_regions(args.files, args.namespace, args.cluster_domain)
+    regions = load_regions(
+        args.files, args.namespace, args.cluster_domain, _relay_debug_allow(args.relay_debug_allow)
+    )
     _check_conflicts(regions)
     secrets_given = args.mesh_key_file or args.tls_cert_file or args.tls_key_file
     if secrets_given and len(regions) > 1:

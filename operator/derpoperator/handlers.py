@@ -104,6 +104,8 @@ class OperatorConfig:
     map_name: str = "derp-map"
     probe_interval: float = 15.0
     cluster_domain: str = "cluster.local"
+    relay_debug_allow: str = ""
+    """Passed to every relay as --debug-allow (see RegionRef.relay_debug_allow)."""
 
 
 def _utc_now() -> datetime.datetime:
@@ -301,7 +303,13 @@ class Operator:
 
     async def _reconcile(self, body: Obj) -> Observation:
         meta = body["metadata"]
-        ref = RegionRef(meta["name"], meta["namespace"], meta["uid"], self.config.cluster_domain)
+        ref = RegionRef(
+            meta["name"],
+            meta["namespace"],
+            meta["uid"],
+            self.config.cluster_domain,
+            self.config.relay_debug_allow,
+        )
         key = (ref.namespace, ref.name)
         generation = int(meta.get("generation", 0))
         previous_status = body.get("status") or {}

@@ -419,3 +419,5 @@ class RegionRef:
     uid: str
     """Empty when rendering offline: then nothing gets an ownerReference."""
     cluster_domain: str = "cluster.local"
+    relay_debug_allow: str = ""
+    """CIDRs (commas) besides loopback the relays serve /debug/ and /metrics to: where Prometheus scrapes from."""

@@ -110,6 +110,17 @@ def test_namespace_flag_fills_in_a_missing_namespace(capsys: pytest.CaptureFixtu
     assert "$(POD_NAME).derp-lab-mesh.edge.svc.k8s.example" in args
 
 
+def test_relays_serve_debug_pages_to_the_allowed_networks(capsys: pytest.CaptureFixture[str]) -> None:
+    code, docs, _ = render(capsys, "-f", str(MINIMAL), "--relay-debug-allow", "10.244.0.0/16, fd00:10::/56")
+    assert code == 0
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--debug-allow", "10.244.0.0/16,fd00:10::/56"]
+    code, docs, _ = render(capsys, "-f", str(MINIMAL))
+    statefulset = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert "--debug-allow" not in statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 def write(tmp_path: Path, text: str, name: str = "region.yaml") -> str:
     path = tmp_path / name
     path.write_text(text)
@@ -195,6 +206,11 @@ REGION = "apiVersion: derpfleet.io/v1alpha1\nkind: DerpRegion\nmetadata: {{name:
             REGION.format(name="fra", spec="{regionID: 900, regionCode: fra}"),
             ["--tls-cert-file", "/dev/null", "--tls-key-file", "/dev/null"],
             "not a PEM certificate",
+        ),
+        (
+            REGION.format(name="fra", spec="{regionID: 900, regionCode: fra}"),
+            ["--relay-debug-allow", "pods"],
+            "--relay-debug-allow: 'pods' is not an IP address or CIDR",
         ),
     ],
 )

@@ -71,9 +71,12 @@ def test_operator_flags_make_its_settings() -> None:
             "--probe-interval",
             "3",
             "--no-leader-elect",
+            "--relay-debug-allow",
+            "10.244.0.0/16 10.96.0.0/12",
         ]
     )
     config = run_config(args)
+    assert config.operator.relay_debug_allow == "10.244.0.0/16,10.96.0.0/12"
     assert config.operator.namespaces == ("derp", "edge")
     assert (config.listen_host, config.listen_port, config.leader_election) == ("127.0.0.1", 9, False)
     assert config.operator.probe_interval == 3.0
@@ -86,6 +89,7 @@ def test_operator_flags_make_its_settings() -> None:
         (["--listen", "8080"], "--listen '8080': expected host:port"),
         (["--listen", "host:99999"], "--listen 'host:99999': expected host:port"),
         (["--probe-interval", "0"], "--probe-interval must be positive, not 0.0"),
+        (["--relay-debug-allow", "everyone"], "--relay-debug-allow: 'everyone' is not an IP address or CIDR"),
     ],
 )
 def test_bad_operator_flags_are_named(

@@ -21,11 +21,13 @@ import ssl
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import certs, frames, metrics
 from .admission import url_admission
+from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
 from .http import HttpSite, start_listener
 from .keys import KeyFormatError, MeshKey, NodePrivateKey, public_key_text
@@ -42,6 +44,9 @@ DEV_STUN_PORT = 3478
 DEV_REGION_ID = 900
 SHUTDOWN_GRACE = 1.0
 """Seconds between the Restarting frame and closing every connection."""
+
+
+DEBUG_ENV_NAMES = "TS_ALLOW_DEBUG_IP, TS_DEBUG_TRUSTED_CIDRS"
 
 
 class ConfigError(Exception):
@@ -132,7 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--status-file", type=Path, help="write the relay's URL, ports, key and pin here once listening"
     )
+    p.add_argument(
+        "--debug-allow",
+        default="",
+        metavar="CIDRS",
+        help="also serve /debug/ and /metrics to these IPs/CIDRs (commas), e.g. the pod network "
+        "for Prometheus; loopback and Tailscale addresses always may (derper's TS_ALLOW_DEBUG_IP too)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="json: one JSON object per line (time, level, logger, message), for log pipelines",
+    )
     p.add_argument("--version", action="version", version=f"derp-relay {VERSION}")
     return p
 
@@ -300,7 +318,22 @@ class Relay:
             handshake_timeout=args.handshake_timeout,
             stats=self.stats,
         )
-        self.registry = metrics.build_registry(metrics.RelayCollector(self.stats, self.server.gauges))
+        self.identity = metrics.Identity(VERSION)
+        self.metrics = metrics.RelayMetrics(
+            lambda: metrics.relay_families(
+                self.stats,
+                self.server.gauges(),
+                self._mesh.states() if self._mesh else [],
+                self.identity,
+            )
+        )
+        try:
+            access = DebugAccess.from_settings(args.debug_allow, os.environ)
+        except DebugConfigError as exc:
+            raise ConfigError(f"--debug-allow (or {DEBUG_ENV_NAMES}): {exc}") from None
+        self.debug = DebugSite(
+            self.server, self.metrics, self.identity, settings.hostname, access, mesh=lambda: self._mesh
+        )
         try:
             self.mesh_peers = parse_mesh_with(args.mesh_with)
         except MeshConfigError as exc:
@@ -341,7 +374,7 @@ class Relay:
         names = [n.strip() for n in args.bootstrap_dns_names.split(",") if n.strip()]
         site = HttpSite(
             self.server,
-            metrics=lambda: metrics.render(self.registry),
+            debug=self.debug,
             bootstrap_dns=lambda: _bootstrap_dns(names),
             accept_limit=accept_limit,
         )
@@ -459,13 +492,33 @@ async def serve(settings: Settings) -> None:
     await relay.stop()
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record, for log pipelines (Loki, Elasticsearch, Cloud Logging)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         settings = resolve(args)
         runner: Any

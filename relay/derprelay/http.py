@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +20,9 @@ from typing import cast
 
 from . import http11
 from . import websocket as ws
+from .debug import DebugSite, Reply
 from .frames import PROTOCOL_VERSION
-from .metrics import RelayStats
+from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
 
@@ -37,6 +38,12 @@ CHALLENGE_HEADER = "x-tailscale-challenge"
 RESPONSE_HEADER = "X-Tailscale-Response"
 MAX_CHALLENGE_LEN = 64
 _CHALLENGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:")
+
+TCP_RTT_INTERVAL = 10.0
+"""Seconds between samples of a DERP connection's TCP round-trip time, as derper."""
+
+TCP_INFO_LEN = 104
+"""Bytes of struct tcp_info to ask for: enough for tcpi_rtt on every Linux since 2.6."""
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Transport buffer above which a client counts as not reading (pause_writing)."""
@@ -57,7 +64,8 @@ class HttpSite:
     """Everything the HTTP layer serves besides the DERP server itself."""
 
     server: RelayServer
-    metrics: Callable[[], bytes]
+    debug: DebugSite | None = None
+    """``/debug/`` and ``/metrics``; None answers 404 there."""
     bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
     accept_limit: TokenBucket | None = None
     stats: RelayStats = field(init=False)
@@ -70,7 +78,9 @@ class _Phase(enum.Enum):
     HTTP = 1
     DERP = 2
     WEBSOCKET = 3
-    CLOSED = 4
+    RESPONDING = 4
+    """A slow answer (a profile, a mesh check) is being made; input is ignored."""
+    CLOSED = 5
 
 
 class RelayHttpProtocol(asyncio.Protocol):
@@ -85,6 +95,9 @@ class RelayHttpProtocol(asyncio.Protocol):
         self._ws: ws.WebSocketDecoder | None = None
         self._peer: tuple[str, int] = ("", 0)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._tls_version = ""
+        self._answer: asyncio.Task[None] | None = None
+        self._rtt_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -99,6 +112,13 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._transport.abort()
             self._phase = _Phase.CLOSED
             return
+        stats = self._site.stats
+        stats.tcp_accepts += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self._tls_version = str(ssl_object.version()).removeprefix("TLSv")
+            stats.tls_versions_requested[self._tls_version] += 1
+            stats.tls_versions_active[self._tls_version] += 1
         timeout = self._site.server.handshake_timeout
         self._head_deadline = asyncio.get_running_loop().call_later(timeout, self._head_timed_out)
 
@@ -119,6 +139,12 @@ class RelayHttpProtocol(asyncio.Protocol):
         self._phase = _Phase.CLOSED
         if self._head_deadline is not None:
             self._head_deadline.cancel()
+        if self._tls_version:
+            self._site.stats.tls_versions_active[self._tls_version] -= 1
+        if self._answer is not None:
+            self._answer.cancel()
+        if self._rtt_timer is not None:
+            self._rtt_timer.cancel()
         if self._conn is not None:
             self._conn.connection_lost()
 
@@ -227,27 +253,39 @@ class RelayHttpProtocol(asyncio.Protocol):
         elif path == "/bootstrap-dns":
             stats.http_requests["bootstrap_dns"] += 1
             self._reply(request, 200, [("Content-Type", "application/json")], self._site.bootstrap_dns())
-        elif path in ("/metrics", "/debug/varz") or path.startswith("/debug/"):
-            stats.http_requests["debug"] += 1
+        elif path in ("/metrics", "/debug") or path.startswith("/debug/"):
             self._debug(request)
         else:
             stats.http_requests["not_found"] += 1
             self._reply(request, 404, [("Content-Type", "text/plain")], b"not found\n")
 
     def _debug(self, request: http11.Request) -> None:
-        if not is_loopback(self._peer[0]):
-            self._reply(
-                request, 403, [("Content-Type", "text/plain")], b"debug endpoints are loopback-only\n"
-            )
-            return
-        if request.path in ("/metrics", "/debug/varz"):
-            body = self._site.metrics()
-            self._reply(request, 200, [("Content-Type", "text/plain; version=0.0.4")], body)
-        elif request.path == "/debug/":
-            index = b'<a href="/debug/varz">/debug/varz</a> Prometheus metrics\n'
-            self._reply(request, 200, [("Content-Type", "text/html")], index)
-        else:
+        debug = self._site.debug
+        stats = self._site.stats
+        if debug is None:
+            stats.http_requests["not_found"] += 1
             self._reply(request, 404, [("Content-Type", "text/plain")], b"not found\n")
+            return
+        if not debug.access.allows(self._peer[0], request.headers):
+            stats.http_requests["debug_denied"] += 1
+            log.info("%s:%d: debug access denied to %s", *self._peer, request.path)
+            self._reply(request, 403, [("Content-Type", "text/plain")], b"debug access denied\n")
+            return
+        stats.http_requests["debug"] += 1
+        self._phase = _Phase.RESPONDING
+        self._answer = asyncio.get_running_loop().create_task(self._answer_debug(debug, request))
+
+    async def _answer_debug(self, debug: DebugSite, request: http11.Request) -> None:
+        try:
+            reply = await debug.serve(request)
+        except Exception as exc:  # a broken page must not take the relay down
+            log.exception("debug page %s failed", request.path)
+            reply = Reply(500, f"{request.path}: {exc}\n".encode())
+        self._answer = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(reply.encode(head_only=request.method == "HEAD"))
+            self._transport.close()
+        self._phase = _Phase.CLOSED
 
     def _derp_upgrade(self, request: http11.Request, rest: bytes) -> None:
         assert self._transport is not None
@@ -309,8 +347,23 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._peer,
             not_ideal=bool(request.header(IDEAL_NODE_HEADER)),
         )
+        self._sample_tcp_rtt()
         if rest:
             self._conn.receive_data(rest)
+
+    def _sample_tcp_rtt(self) -> None:
+        """derper's derp_tcp_rtt: at connect (ours), then every TCP_RTT_INTERVAL while open."""
+        self._rtt_timer = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        sock = self._transport.get_extra_info("socket")
+        try:
+            rtt = tcp_info_rtt(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+        except (OSError, AttributeError, ValueError):
+            self._site.stats.tcp_rtt["error"] += 1  # derper's label when TCP_INFO is unavailable
+            return
+        self._site.stats.tcp_rtt[tcp_rtt_label(rtt)] += 1
+        self._rtt_timer = asyncio.get_running_loop().call_later(TCP_RTT_INTERVAL, self._sample_tcp_rtt)
 
     def _websocket_data(self, data: bytes) -> None:
         assert self._ws is not None and self._conn is not None and self._transport is not None
@@ -341,16 +394,6 @@ def _no_content_headers(challenge: str) -> list[tuple[str, str]]:
     if challenge and len(challenge) <= MAX_CHALLENGE_LEN and set(challenge) <= _CHALLENGE_CHARS:
         headers.append((RESPONSE_HEADER, "response " + challenge))
     return headers
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback  # a dual-stack listener's view of 127.x
-    return address.is_loopback
 
 
 async def start_listener(

@@ -28,10 +28,12 @@ REASONS = {
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
+    409: "Conflict",
     405: "Method Not Allowed",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 

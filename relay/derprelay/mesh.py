@@ -18,12 +18,17 @@ from pathlib import Path
 
 from . import frames as f
 from .client import DerpClient, DerpClientError, Endpoint, connect
+from .keys import NodePrivateKey
+from .metrics import MeshPeerState
 from .server import RelayServer
 
 log = logging.getLogger("derprelay.mesh")
 
 MESH_BACKLOG_LIMIT = 4 << 20
 """Bytes of unsent ForwardPackets a link may hold before new ones are dropped."""
+
+SNAPSHOT_SETTLE = 0.2
+"""Seconds to keep listening after the Pong that follows a peer's watch snapshot."""
 
 RECONNECT_MIN = 0.25
 RECONNECT_MAX = 5.0
@@ -62,6 +67,17 @@ def parse_mesh_with(value: str) -> list[MeshPeer]:
     return peers
 
 
+@dataclass(frozen=True, slots=True)
+class MeshViews:
+    """Two views of one peer's clients, for ``/debug/check``."""
+
+    peer: str
+    learned: frozenset[bytes]
+    """What our long-lived link was told (PeerPresent minus PeerGone)."""
+    reported: frozenset[bytes]
+    """What the peer lists to a new watcher right now."""
+
+
 class MeshLink:
     """The link to one other region member; a :class:`PacketForwarder` for its clients."""
 
@@ -72,6 +88,51 @@ class MeshLink:
         self._endpoint = Endpoint(peer.url, dial_host=_dial_address(peer), ssl_context=tls, insecure=insecure)
         self._client: DerpClient | None = None
         self._learned: set[bytes] = set()
+
+    @property
+    def state(self) -> MeshPeerState:
+        return MeshPeerState(self.name, self._client is not None, len(self._learned))
+
+    async def compare_views(self, timeout: float) -> MeshViews:
+        """The peer's clients as our link learned them, and as the peer lists them now.
+
+        The peer's list comes over a fresh watching connection.
+
+        Our relay sends the whole list before it answers a Ping sent after
+        WatchConns; a short settle time covers peers that send it from
+        another goroutine (derper).
+        """
+        server = self.server
+        assert server.mesh_key is not None, "mesh links need the mesh key"
+        present: set[bytes] = set()
+        # A key of its own: with the relay's key the peer would see our link's
+        # key connected twice and make this connection the active one.
+        observer = NodePrivateKey.generate()
+        client = await asyncio.wait_for(connect(self._endpoint, observer, mesh_key=server.mesh_key), timeout)
+        try:
+            await client.watch_conns()
+            await client.ping(b"snapshot")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            settle_until = deadline
+            while (now := loop.time()) < settle_until:
+                try:
+                    frame = await asyncio.wait_for(client.recv(), settle_until - now)
+                except TimeoutError:
+                    break
+                if isinstance(frame, f.PeerPresent):
+                    present.add(frame.peer)
+                elif isinstance(frame, f.PeerGone):
+                    present.discard(frame.peer)
+                elif isinstance(frame, f.Pong):
+                    settle_until = min(deadline, loop.time() + SNAPSHOT_SETTLE)
+        finally:
+            await client.close()
+        return MeshViews(
+            self.name,
+            learned=frozenset(self._learned - {observer.public}),
+            reported=frozenset(present - {observer.public}),
+        )
 
     def forward_packet(self, source: bytes, destination: bytes, packet: bytes) -> bool:
         client = self._client
@@ -161,10 +222,18 @@ class Mesh:
         self._insecure = insecure
         self._own_hosts = own_hosts
         self._links: dict[MeshPeer, asyncio.Task[None]] = {}
+        self._link_of: dict[MeshPeer, MeshLink] = {}
 
     @property
     def peers(self) -> list[MeshPeer]:
         return list(self._links)
+
+    @property
+    def links(self) -> list[MeshLink]:
+        return list(self._link_of.values())
+
+    def states(self) -> list[MeshPeerState]:
+        return [link.state for link in self._link_of.values()]
 
     def set_peers(self, peers: list[MeshPeer]) -> None:
         """Dial new peers, hang up on the ones no longer listed; keep the rest as they are."""
@@ -172,8 +241,10 @@ class Mesh:
         for peer in set(self._links) - wanted:
             log.info("mesh %s: no longer a peer; hanging up", peer.host)
             self._links.pop(peer).cancel()
+            del self._link_of[peer]
         for peer in wanted - set(self._links):
             link = MeshLink(self._server, peer, self._tls, self._insecure)
+            self._link_of[peer] = link
             self._links[peer] = asyncio.create_task(link.run(), name=f"mesh {peer.host}")
 
     async def follow_file(self, path: Path, extra: list[MeshPeer]) -> None:
@@ -196,6 +267,7 @@ class Mesh:
     async def close(self) -> None:
         tasks = list(self._links.values())
         self._links.clear()
+        self._link_of.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

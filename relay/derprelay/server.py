@@ -28,7 +28,15 @@ from typing import Any, Protocol
 
 from . import frames as f
 from .keys import KEY_LEN, BoxOpenError, MeshKey, NodePrivateKey, short_key
-from .metrics import DropReason, Gauges, RelayStats
+from .metrics import (
+    DISCO_FIRST_BYTE,
+    DISCO_MAGIC,
+    DISCO_MIN_LEN,
+    DropReason,
+    Gauges,
+    RelayStats,
+    looks_like_disco,
+)
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("derprelay")
@@ -64,15 +72,6 @@ DUPLICATE_KEY_HEALTH = (
 RESTART_RECONNECT_IN_MS = 1_000
 RESTART_TRY_FOR_MS = 30_000
 """What the Restarting frame advises on graceful shutdown."""
-
-DISCO_MAGIC = "TS💬".encode()
-DISCO_MIN_LEN = len(DISCO_MAGIC) + 32 + 24
-"""A disco (path discovery) packet: magic, sender's disco key, nonce."""
-
-
-def looks_like_disco(packet: bytes) -> bool:
-    """Disco packets get a PeerGone(NotHere) reply when undeliverable."""
-    return len(packet) >= DISCO_MIN_LEN and packet.startswith(DISCO_MAGIC)
 
 
 class CloseReason(enum.StrEnum):
@@ -126,6 +125,17 @@ class RateLimit:
 
     bytes_per_second: int
     burst_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTraffic:
+    """One connection's cumulative packet bytes, as ``/debug/traffic`` lists it."""
+
+    remote: str
+    key: bytes
+    sent: int
+    received: int
+    unique_senders: int
 
 
 class _KeySet:
@@ -182,12 +192,42 @@ class RelayServer:
         return Gauges(
             current_connections=len(self._connections),
             current_home_connections=sum(1 for c in self._connections if c.preferred),
+            notideal_connections=sum(1 for c in self._connections if c.not_ideal),
             unique_client_keys=len(self._clients),
             duplicate_client_keys=sum(1 for s in self._clients.values() if len(s.connections) > 1),
+            duplicate_client_conns=sum(
+                len(s.connections) for s in self._clients.values() if len(s.connections) > 1
+            ),
             watchers=len(self._watchers),
-            mesh_forwarded_keys=len(self._forwarders),
+            remote_client_keys=sum(1 for key in self._forwarders if key not in self._clients),
             mesh_peers_connected=self.mesh_links_up,
         )
+
+    def traffic(self) -> list[ConnectionTraffic]:
+        return [
+            ConnectionTraffic(c.remote, c.key, c.bytes_sent, c.bytes_received, len(c.sources_seen))
+            for c in self._connections
+        ]
+
+    def consistency_problems(self) -> list[str]:
+        """derper's ConsistencyCheck, for our registry: every index agrees with the others."""
+        problems = []
+        registered = [conn for key_set in self._clients.values() for conn in key_set.connections]
+        if stray := sum(1 for conn in registered if conn not in self._connections):
+            problems.append(f"{stray} registered connections are not open")
+        if empty := sum(1 for key_set in self._clients.values() if not key_set.connections):
+            problems.append(f"{empty} client keys have no connection")
+        if wrong := sum(
+            1 for key, s in self._clients.items() if s.active is not None and s.active.key != key
+        ):
+            problems.append(f"{wrong} client keys route to another key's connection")
+        if lost := sum(1 for watcher in self._watchers if watcher not in self._connections):
+            problems.append(f"{lost} mesh watchers are not open connections")
+        if dangling := sum(
+            1 for receivers in self._received_from.values() for r in receivers if r not in self._connections
+        ):
+            problems.append(f"{dangling} PeerGone subscriptions belong to closed connections")
+        return problems
 
     def is_connected(self, key: bytes) -> bool:
         return key in self._clients
@@ -203,6 +243,7 @@ class RelayServer:
         else:
             key_set.connections.append(conn)
             key_set.active = conn
+            self.stats.dup_client_conns_total += 1
             for dup in key_set.connections:
                 dup.send_health(DUPLICATE_KEY_HEALTH)
             log.info(
@@ -283,12 +324,17 @@ class RelayServer:
         present = self._forwarders.setdefault(key, [])
         if forwarder not in present:
             present.append(forwarder)
+            if len(present) == 2:
+                self.stats.multiforwarder_created += 1
 
     def remove_forwarder(self, key: bytes, forwarder: PacketForwarder) -> None:
         present = self._forwarders.get(key)
         if present is None or forwarder not in present:
+            self.stats.forwarder_delete_other += 1
             return
         present.remove(forwarder)
+        if len(present) == 1:
+            self.stats.multiforwarder_deleted += 1
         if present:
             return
         del self._forwarders[key]
@@ -316,17 +362,17 @@ class RelayServer:
             if key_set.active is not None:
                 key_set.active.deliver_packet(source, packet)
             else:
-                self.stats.drop(DropReason.DUP_CLIENT, len(packet))
+                self.stats.drop(DropReason.DUP_CLIENT, packet)
             return
         forwarders = None if forwarded else self._forwarders.get(dest)
         if forwarders:
             if forwarders[0].forward_packet(source, dest, packet):
                 self.stats.packets_forwarded_out += 1
             else:
-                self.stats.drop(DropReason.MESH_BACKLOG, len(packet))
+                self.stats.drop(DropReason.MESH_BACKLOG, packet)
             return
         reason = DropReason.UNKNOWN_DEST_ON_FWD if forwarded else DropReason.UNKNOWN_DEST
-        self.stats.drop(reason, len(packet))
+        self.stats.drop(reason, packet)
         if looks_like_disco(packet):
             sender.send_peer_gone_limited(dest)
 
@@ -385,6 +431,10 @@ class ClientConnection:
         self.not_ideal = not_ideal
         self.preferred = False
         self.sources_seen: set[bytes] = set()
+        self.bytes_received = 0
+        """DERP stream bytes read from the client (frames, counted per read), for /debug/traffic."""
+        self.bytes_sent = 0
+        """Packet bytes written to the client, for /debug/traffic."""
         self._state = _State.AWAIT_CLIENT_INFO
         self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
         self._control: list[bytes] = []
@@ -392,6 +442,8 @@ class ClientConnection:
         """(source, packet) pairs not yet written; framed at flush time, in the batch."""
         self._flush_scheduled = False
         self._writing_paused = False
+        self._queued_since = 0.0
+        """When the oldest packet queued while writing was paused arrived (0: none waits)."""
         self._loop = asyncio.get_running_loop()
         self._write_deadline: asyncio.TimerHandle | None = None
         self._keep_alive: asyncio.TimerHandle | None = None
@@ -429,6 +481,7 @@ class ClientConnection:
         """Feed bytes from the transport; handles every complete frame."""
         if self._state is _State.CLOSED:
             return
+        self.bytes_received += len(data)
         self._decoder.receive_data(data)
         self._process_frames()
         if self._recv_limit is not None and self._state is _State.RUNNING:
@@ -525,8 +578,13 @@ class ClientConnection:
         server.note_activity(self)
         if isinstance(frame, f.SendPacket):
             stats = server.stats
+            packet = frame.packet
+            size = len(packet)
             stats.packets_received += 1
-            stats.bytes_received += len(frame.packet)
+            stats.bytes_received += size
+            # The first byte settles it for WireGuard packets (types 1-4): cheaper than startswith.
+            if size >= DISCO_MIN_LEN and packet[0] == DISCO_FIRST_BYTE and packet.startswith(DISCO_MAGIC):
+                stats.disco_packets_received += 1
             server.route(self, self.key, frame.destination, frame.packet)
         elif isinstance(frame, f.ForwardPacket):
             if self._permitted(frame):
@@ -539,6 +597,8 @@ class ClientConnection:
         elif isinstance(frame, f.NotePreferred):
             if frame.preferred and not self.preferred:
                 server.stats.home_moves_in += 1
+            elif self.preferred and not frame.preferred:
+                server.stats.home_moves_out += 1
             self.preferred = frame.preferred
         elif isinstance(frame, f.WatchConns):
             if self._permitted(frame):
@@ -552,8 +612,10 @@ class ClientConnection:
                     short_key(frame.peer),
                     closed,
                 )
-        elif isinstance(frame, (f.Pong, f.KeepAlive, f.UnknownFrame)):
-            pass  # nothing to do; unknown types are skipped for forward compatibility
+        elif isinstance(frame, (f.Pong, f.KeepAlive)):
+            pass
+        elif isinstance(frame, f.UnknownFrame):
+            server.stats.unknown_frames += 1  # skipped for forward compatibility
         else:
             raise f.MalformedFrameError(f"a client may not send {type(frame).__name__}")
 
@@ -583,15 +645,18 @@ class ClientConnection:
     def deliver_packet(self, source: bytes, packet: bytes) -> None:
         """Queue a RecvPacket; remember the source so we can report it gone."""
         if self._state is not _State.RUNNING:
-            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(packet))
+            self.server.stats.drop(DropReason.GONE_DISCONNECTED, packet)
             return
         if source not in self.sources_seen:
             self.sources_seen.add(source)
             self.server.note_received_from(source, self)
         packets = self._packets
-        if self._writing_paused and len(packets) >= self.server.send_queue_depth:
-            _, dropped = packets.popleft()
-            self.server.stats.drop(DropReason.QUEUE_HEAD, len(dropped))
+        if self._writing_paused:
+            if not packets:
+                self._queued_since = self._loop.time()
+            elif len(packets) >= self.server.send_queue_depth:
+                _, dropped = packets.popleft()
+                self.server.stats.drop(DropReason.QUEUE_HEAD, dropped)
         packets.append((source, packet))
         self._schedule_flush()
 
@@ -633,6 +698,10 @@ class ClientConnection:
             stats = self.server.stats
             stats.packets_sent += len(self._packets)
             stats.bytes_sent += sent_bytes
+            self.bytes_sent += sent_bytes
+            if self._queued_since:
+                stats.note_queue_time(self._loop.time() - self._queued_since, len(self._packets))
+                self._queued_since = 0.0
             self._packets.clear()
         if batch:
             self.sink.write_frames(batch)
@@ -681,7 +750,7 @@ class ClientConnection:
                 timer.cancel()
         self._handshake_deadline = self._write_deadline = self._keep_alive = None
         for _, packet in self._packets:
-            self.server.stats.drop(DropReason.GONE_DISCONNECTED, len(packet))
+            self.server.stats.drop(DropReason.GONE_DISCONNECTED, packet)
         self._packets.clear()
         self._control.clear()
         self.server.stats.connections_closed[reason.value] += 1

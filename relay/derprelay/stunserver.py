@@ -42,6 +42,7 @@ class StunServerProtocol(asyncio.DatagramProtocol):
             log.debug("STUN from %s ignored: %s", addr[0], exc)
             return
         self._stats.stun_requests += 1
+        self._stats.stun_families["ipv4" if address.version == 4 else "ipv6"] += 1
         assert self._transport is not None
         self._transport.sendto(reply, addr)
 

@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,9 +92,9 @@ class RelayProcess:
         return self.process.returncode
 
 
-def start_relay(workdir: Path, *extra: str) -> RelayProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [
+def relay_command(workdir: Path, *extra: str) -> list[str]:
+    """The relay's command line: loopback, ephemeral ports, files in ``workdir``; ``extra`` wins."""
+    return [
         sys.executable,
         "-m",
         "derprelay.cli",
@@ -113,7 +114,12 @@ def start_relay(workdir: Path, *extra: str) -> RelayProcess:
         "debug",
         *extra,
     ]
-    relay = RelayProcess(args, workdir)
+
+
+def start_relay(workdir: Path, *extra: str, wrapper: tuple[str, ...] = ()) -> RelayProcess:
+    """Start a relay; ``wrapper`` is a command that runs it (e.g. in a network namespace)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    relay = RelayProcess([*wrapper, *relay_command(workdir, *extra)], workdir)
     relay.launch()
     return relay
 
@@ -153,14 +159,26 @@ async def new_client(relay: RelayProcess, **kwargs: Any) -> tuple[DerpClient, No
 RECV_TIMEOUT = 10.0
 
 
-def metric(relay: RelayProcess, name: str, labels: str = "") -> float:
-    """Read one value from the relay's /metrics (loopback, so allowed)."""
+def fetch(
+    relay: RelayProcess, path: str, headers: dict[str, str] | None = None, timeout: float = 10
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` from the relay (over TLS, certificate unchecked): status, headers, body."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    url = relay.url.removesuffix("/derp") + "/metrics"
-    with urllib.request.urlopen(url, context=context, timeout=10) as answer:
-        text = answer.read().decode()
+    request = urllib.request.Request(relay.url.removesuffix("/derp") + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def metric(relay: RelayProcess, name: str, labels: str = "", path: str = "/metrics") -> float:
+    """Read one value from the relay's /metrics or /debug/varz (loopback, so allowed)."""
+    status, _, body = fetch(relay, path)
+    assert status == 200, f"{path}: {status}"
+    text = body.decode()
     pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
     found = re.search(pattern, text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0

@@ -154,7 +154,7 @@ async def test_client_that_stops_reading_loses_packets_and_is_dropped(
         await still_relaying()  # type: ignore[operator]
         await flooder.close()
         await sleeper.close()
-    assert metric(relay, "derp_packets_dropped_total", 'reason="queue_head"') > 0
+    assert metric(relay, "derp_packets_dropped_total", 'kind="other",reason="queue_head"') > 0
     assert "write_timeout: client stopped reading" in relay.log()
 
 

@@ -111,7 +111,7 @@ def test_relay_process_serves_stun_and_counts_it(relay: RelayProcess) -> None:
         client.sendto(stun.binding_request(txid), ("127.0.0.1", relay.status["stunPort"]))
         parsed = stun.parse_binding_response(client.recv(1500))
         assert (parsed.txid, parsed.port) == (txid, client.getsockname()[1])
-    assert metric(relay, "derp_stun_requests_total") == 1
+    assert metric(relay, "stun_requests_total", 'disposition="success"') == 1
 
 
 def test_self_signed_certificate_names_and_pin() -> None:

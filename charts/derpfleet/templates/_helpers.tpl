@@ -49,3 +49,13 @@ by name only (no list/watch of every Secret).
     resources: [events]
     verbs: [create, patch]
 {{- end }}
+
+{{/* Fail, naming the value and the CRD, when a monitoring object's CRD is not installed. */}}
+{{- define "derpfleet.requireMonitoringCRD" -}}
+{{- $root := index . 0 -}}
+{{- $kind := index . 1 -}}
+{{- $value := index . 2 -}}
+{{- if not ($root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" $kind)) -}}
+{{- fail (printf "%s is true, but the cluster has no %s CRD (monitoring.coreos.com/v1): install the Prometheus Operator's CRDs first, or leave it off (helm template: pass --api-versions monitoring.coreos.com/v1/%s)" $value $kind $kind) -}}
+{{- end -}}
+{{- end -}}
