@@ -173,12 +173,16 @@ class Operator:
         """Write the fleet map to its ConfigMap (if it changed) and to the HTTP endpoint."""
         async with self._publish_lock:
             current = await self.kube.get("v1", "ConfigMap", self.config.map_name, self.config.map_namespace)
-            previous = ((current or {}).get("data") or {}).get(DERP_MAP_KEY)
-            derp_map_json = assemble_map(await self._listed(), self._observations, previous)
-            if derp_map_json != previous:
-                await self.kube.apply(
-                    render_derp_map_configmap(self.config.map_namespace, self.config.map_name, derp_map_json)
-                )
+            current_data = (current or {}).get("data") or {}
+            derp_map_json = assemble_map(
+                await self._listed(), self._observations, current_data.get(DERP_MAP_KEY)
+            )
+            configmap = render_derp_map_configmap(
+                self.config.map_namespace, self.config.map_name, derp_map_json
+            )
+            # Every key of ours is compared, so a map published before derpmap.yaml existed gains it too.
+            if any(current_data.get(key) != value for key, value in configmap["data"].items()):
+                await self.kube.apply(configmap)
                 log.info("published the DERP map %s/%s", self.config.map_namespace, self.config.map_name)
             self.published.derp_map_json = derp_map_json
             self.metrics.published_regions.set(len(json.loads(derp_map_json)["Regions"]))

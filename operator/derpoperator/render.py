@@ -16,6 +16,7 @@ from typing import Any
 from derprelay.certs import CertMaterial
 
 from .credentials import normalize_mesh_key
+from .derp_map_yaml import headscale_yaml
 from .model import API_GROUP, API_VERSION, KIND, DerpRegionSpec, RegionRef, TlsMode, render_hostname
 from .naming import (
     CONTAINER_NAME,
@@ -46,6 +47,9 @@ TERMINATION_GRACE_SECONDS = 30
 RELAY_UID = 65532
 """An unprivileged user; ports below 1024 are opened through the pod's unprivileged-port sysctl."""
 DERP_MAP_KEY = "derpmap.json"
+"""The map as JSON: a Tailscale policy's ``derpMap``, and what ``/derpmap.json`` serves to ``derp.urls``."""
+DERP_MAP_YAML_KEY = "derpmap.yaml"
+"""The same map in the form Headscale's ``derp.paths`` reads (see :mod:`.derp_map_yaml`)."""
 HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"
 
 
@@ -387,7 +391,7 @@ def render_region(
 
 
 def render_derp_map_configmap(namespace: str, name: str, derp_map_json: str) -> Manifest:
-    """The fleet's DERP map, for Headscale ``derp.paths`` or a Tailscale policy's ``derpMap``.
+    """The fleet's DERP map, as JSON and as the YAML that Headscale ``derp.paths`` reads.
 
     It spans every region, so it has no single owner.
     """
@@ -399,5 +403,5 @@ def render_derp_map_configmap(namespace: str, name: str, derp_map_json: str) -> 
             "namespace": namespace,
             "labels": {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/name": "derp-map"},
         },
-        "data": {DERP_MAP_KEY: derp_map_json},
+        "data": {DERP_MAP_KEY: derp_map_json, DERP_MAP_YAML_KEY: headscale_yaml(derp_map_json)},
     }

@@ -91,6 +91,9 @@ def test_render_a_derp_map(capsys: pytest.CaptureFixture[str], secrets: list[str
         ("900b", "derp2-fra.example.com", "203.0.113.8", None),
     ]
     assert nodes[0]["CertName"].startswith("sha256-raw:")
+    assert (
+        yaml.safe_load(configmap["data"]["derpmap.yaml"])["regions"][900]["nodes"][1]["ipv4"] == "203.0.113.8"
+    )
 
 
 def test_nodes_without_any_address_stay_out_of_the_map(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from derpoperator.cli import build_parser, main, run_config
+from derpoperator.derp_map_yaml import headscale_yaml
 from derpoperator.metrics import OperatorMetrics
 from derpoperator.web import Published, build_app, start_server
 
@@ -36,14 +37,21 @@ async def test_map_health_and_metrics_are_served() -> None:
     runner = await start_server(build_app(published, metrics.registry), "127.0.0.1", port)
     base = f"http://127.0.0.1:{port}"
     try:
-        status, _, body = await asyncio.to_thread(fetch, f"{base}/derpmap.json")
-        assert (status, body) == (503, "no DERP map published yet; the operator is starting\n")
+        for path in ("/derpmap.json", "/derpmap.yaml"):
+            status, _, body = await asyncio.to_thread(fetch, f"{base}{path}")
+            assert (status, body) == (503, "no DERP map published yet; the operator is starting\n")
         published.derp_map_json = json.dumps({"Regions": {}, "omitDefaultRegions": True})
         status, kind, body = await asyncio.to_thread(fetch, f"{base}/derpmap.json")
         assert (status, kind, json.loads(body)) == (
             200,
             "application/json; charset=utf-8",
             {"Regions": {}, "omitDefaultRegions": True},
+        )
+        status, kind, body = await asyncio.to_thread(fetch, f"{base}/derpmap.yaml")
+        assert (status, kind, body) == (
+            200,
+            "application/yaml; charset=utf-8",
+            headscale_yaml(published.derp_map_json),
         )
         published.role = "leading"
         assert await asyncio.to_thread(fetch, f"{base}/healthz") == (
