@@ -58,6 +58,7 @@ def _build(
     expected: str,
     renames: dict[str, str] | None = None,
     ldflags: str = "",
+    tags: tuple[str, ...] = (),
 ) -> None:
     if shutil.which("go") is None:
         raise BuildError("building the test cluster needs the Go toolchain (go on PATH); none found")
@@ -66,8 +67,9 @@ def _build(
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    flags = ["-trimpath", f"-ldflags=-s -w {ldflags}".strip(), f"-tags={','.join(tags)}"]
     process = subprocess.Popen(
-        ["go", "build", "-trimpath", f"-ldflags=-s -w {ldflags}".strip(), "-o", f"{partial}/", *packages],
+        ["go", "build", *flags, "-o", f"{partial}/", *packages],
         cwd=module_dir,
         env=go_env(cache_dir()),
         stdout=subprocess.PIPE,
