@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
+.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -81,6 +81,10 @@ CLUSTER := $(CLUSTER_ENV) $(BIN)/python -m derpcluster
 cluster-build: setup
 	$(CLUSTER) build
 
+## tailnet-build: build (once, cached in $(CACHE)) Headscale, tailscale and tailscaled for the tailnet test
+tailnet-build: setup
+	$(CLUSTER_ENV) $(BIN)/python -m derpcluster.tailnet_binaries
+
 ## cluster-up: a local Kubernetes on loopback (control plane + 3 fake nodes), left running
 cluster-up: cluster-build
 	$(CLUSTER) up
@@ -89,8 +93,8 @@ cluster-up: cluster-build
 cluster-down: setup
 	$(CLUSTER) down
 
-## e2e: the cluster's own tests and the operator's end-to-end tests, each on a fresh cluster
-e2e: cluster-build
+## e2e: the cluster's own tests, the operator's end-to-end tests, and real Headscale and tailscaled on the map
+e2e: cluster-build tailnet-build
 	CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/pytest e2e/tests
 
 clean-venv:

@@ -17,19 +17,29 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import yaml
-from conftest import WAIT, crd_manifest, wait_until
+from conftest import (
+    NAMESPACE,
+    OPERATOR_NAMESPACE,
+    PROBE_INTERVAL,
+    REGION,
+    REPO,
+    WAIT,
+    Kubectl,
+    OperatorProcess,
+    condition,
+    crd_manifest,
+    operators_running,
+    region_doc,
+    wait_for,
+    wait_until,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from derpcluster import binaries
@@ -37,168 +47,7 @@ from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
 
-REPO = Path(__file__).resolve().parents[2]
-NAMESPACE = "derp"
-OPERATOR_NAMESPACE = "derpfleet-system"
-REGION = "lab"
-PROBE_INTERVAL = "2"
-SERVICE_ACCOUNT = "derpfleet-operator"
-T = TypeVar("T")
 pytestmark = pytest.mark.timeout(600)
-
-
-def wait_for(what: str, fetch: Callable[[], T], accept: Callable[[T], bool], timeout: float = WAIT) -> T:
-    """Fetch until ``accept`` likes the value, and return that value."""
-    found: list[T] = []
-
-    def check() -> bool:
-        value = fetch()
-        if accept(value):
-            found.append(value)
-            return True
-        return False
-
-    wait_until(what, check, timeout)
-    return found[0]
-
-
-class Kubectl:
-    def __init__(self, cluster: Any) -> None:
-        self.cluster = cluster
-
-    def __call__(
-        self, *args: str, input: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        return self.cluster.kubectl(*args, input=input, check=check)
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self(*args, "-o", "json").stdout)
-
-    def region(self, name: str = REGION) -> dict[str, Any]:
-        return dict(self.json("-n", NAMESPACE, "get", "derpregion", name))
-
-    def patch_region(self, spec: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self(
-            "-n",
-            NAMESPACE,
-            "patch",
-            "derpregion",
-            REGION,
-            "--type=merge",
-            "-p",
-            json.dumps({"spec": spec}),
-            check=check,
-        )
-
-    def derp_map(self) -> dict[str, Any]:
-        cm = self.json("-n", OPERATOR_NAMESPACE, "get", "configmap", "derp-map")
-        return dict(json.loads(cm["data"]["derpmap.json"]))
-
-
-def condition(region: dict[str, Any], kind: str) -> dict[str, Any]:
-    for c in (region.get("status") or {}).get("conditions") or []:
-        if c["type"] == kind:
-            return dict(c)
-    return {}
-
-
-def region_doc(name: str = REGION, **spec: Any) -> str:
-    base = yaml.safe_load((REPO / "examples" / "region-minimal.yaml").read_text())
-    base["metadata"] = {"name": name, "namespace": NAMESPACE}
-    base["spec"].update(spec)
-    return yaml.safe_dump(base)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def token_kubeconfig(cluster: Any, kubectl: Kubectl, path: Path) -> Path:
-    """A kubeconfig that acts as the chart's ServiceAccount: the operator then runs with the chart's RBAC."""
-    token = kubectl(
-        "-n", OPERATOR_NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration", "2h"
-    ).stdout.strip()
-    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": admin["clusters"],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "operator",
-                "context": {"cluster": admin["clusters"][0]["name"], "user": SERVICE_ACCOUNT},
-            }
-        ],
-        "current-context": "operator",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def kubectl(cluster: Any) -> Kubectl:
-    """The chart installed without operator replicas (its CRD, RBAC and Service), and the region namespace."""
-    k = Kubectl(cluster)
-    k("create", "namespace", NAMESPACE)
-    cluster.install_chart_without_operator(REPO / "charts" / "derpfleet", OPERATOR_NAMESPACE)
-    wait_until("the CRD to be served", lambda: k("get", "derpregions", "-A", check=False).returncode == 0)
-    return k
-
-
-class OperatorProcess:
-    """``derpfleet operator`` as a real process with its own log and HTTP port."""
-
-    def __init__(self, cluster: Any, kubeconfig: Path, log_path: Path, identity: str) -> None:
-        self.cluster, self.kubeconfig, self.log_path, self.identity = cluster, kubeconfig, log_path, identity
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**self.cluster.env(), "POD_NAME": self.identity}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "derpoperator.cli",
-                    "operator",
-                    "--kubeconfig",
-                    str(self.kubeconfig),
-                    "--map-namespace",
-                    OPERATOR_NAMESPACE,
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    "--probe-interval",
-                    PROBE_INTERVAL,
-                    "--log-level",
-                    "debug",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        wait_until(f"operator {self.identity} to serve /healthz", lambda: self.http("/healthz")[0] == 200)
-
-    def http(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -206,17 +55,8 @@ def operators(
     cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[OperatorProcess]]:
     """Operator "a" running (leading); tests may add more.  All are stopped at the end, logs shown on failure."""
-    workdir = tmp_path_factory.mktemp("operators")
-    kubeconfig = token_kubeconfig(cluster, kubectl, workdir / "operator.kubeconfig")
-    running = [OperatorProcess(cluster, kubeconfig, workdir / "a.log", "a")]
-    running[0].start()
-    yield running
-    for operator in running:
-        operator.stop()
-    for operator in running:
-        sys.stderr.write(
-            f"--- operator {operator.identity} log (tail) ---\n{operator.log_path.read_text(errors='replace')[-6000:]}\n"
-        )
+    with operators_running(cluster, kubectl, tmp_path_factory.mktemp("operators")) as running:
+        yield running
 
 
 def region_nodes(derp_map: dict[str, Any], region_id: int) -> dict[str, str]:
