@@ -15,9 +15,9 @@ import enum
 import ipaddress
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .keys import KEY_LEN, NONCE_LEN
 
@@ -55,6 +55,7 @@ PEER_PRESENT_ADDR_LEN = 16 + 2
 """PeerPresent's optional IPv6-mapped address and big-endian port."""
 
 _T = TypeVar("_T")
+_Event = TypeVar("_Event")
 
 _HEADER = struct.Struct(">BI")
 _RESTARTING = struct.Struct(">II")
@@ -500,28 +501,32 @@ _PARSERS = {
 _BY_NUMBER = {int(t): (t, parser) for t, parser in _PARSERS.items()}
 
 
-class FrameDecoder:
-    """Accumulates stream bytes and yields complete frames.
+class TypeLengthDecoder(Generic[_Event]):
+    """Accumulates stream bytes and yields one event per complete message.
 
-    ``receive_data`` takes whatever the transport delivered; ``frames`` yields
-    every complete frame buffered so far.  A header announcing more than
-    ``max_frame_len`` raises :class:`FrameTooLargeError` at once, before any of the
-    payload is buffered.
+    A message is ``type (1 byte) || length (4 bytes, big-endian) || payload``:
+    DERP frames, and the messages between a relay's worker processes
+    (:mod:`derprelay.workerwire`), which reuse the layout.  ``receive_data``
+    takes whatever the transport delivered; ``frames`` turns every complete
+    message buffered so far into an event with ``parse``.  A header announcing
+    more than ``max_frame_len`` raises :class:`FrameTooLargeError` at once,
+    before any of the payload is buffered.
 
-    Frames are cut out of an immutable ``bytes`` chunk: a busy sender's chunk is
+    Messages are cut out of an immutable ``bytes`` chunk: a busy sender's chunk is
     parsed as the transport delivered it, uncopied, and each payload is one slice
     (a ``bytearray`` would cost a copy in and two out, measured in
-    ``bench/hotpath.py``).  Only a frame split across chunks is gathered, in a
-    ``bytearray`` that is turned into bytes once the frame is complete, so a peer
+    ``bench/hotpath.py``).  Only a message split across chunks is gathered, in a
+    ``bytearray`` that is turned into bytes once the message is complete, so a peer
     trickling a frame byte by byte costs linear, not quadratic, copying.
     """
 
-    __slots__ = ("_chunk", "_offset", "_partial", "_partial_needed", "max_frame_len")
+    __slots__ = ("_chunk", "_offset", "_parse", "_partial", "_partial_needed", "max_frame_len")
 
-    def __init__(self, max_frame_len: int) -> None:
+    def __init__(self, max_frame_len: int, parse: Callable[[int, bytes], _Event]) -> None:
         self._chunk = b""
         """Bytes being parsed; everything before ``_offset`` is consumed."""
         self._offset = 0
+        self._parse = parse
         self._partial = bytearray()
         """The start of a frame that did not fit in the last chunk."""
         self._partial_needed = 0
@@ -549,8 +554,9 @@ class FrameDecoder:
         self._chunk = chunk
         self._offset = 0
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self) -> Iterator[_Event]:
         chunk = self._chunk
+        parse = self._parse
         while True:
             start = self._offset
             available = len(chunk) - start
@@ -568,7 +574,7 @@ class FrameDecoder:
                 self._keep_partial(chunk, start, FRAME_HEADER_LEN + length)
                 return
             self._offset = end
-            yield parse_frame(frame_type, chunk[start + FRAME_HEADER_LEN : end])
+            yield parse(frame_type, chunk[start + FRAME_HEADER_LEN : end])
 
     def _keep_partial(self, chunk: bytes, start: int, needed: int) -> None:
         """Move an unfinished frame's first bytes aside until ``needed`` have come."""
@@ -577,6 +583,15 @@ class FrameDecoder:
             self._partial_needed = needed
         self._chunk = b""
         self._offset = 0
+
+
+class FrameDecoder(TypeLengthDecoder[Frame]):
+    """The DERP stream decoder: yields :data:`Frame` events."""
+
+    __slots__ = ()
+
+    def __init__(self, max_frame_len: int) -> None:
+        super().__init__(max_frame_len, parse_frame)
 
 
 # --- The sealed handshake JSON -------------------------------------------------
