@@ -60,6 +60,8 @@ type relayOptions struct {
 	Cert *testCert
 	// MeshCAFile verifies mesh peers' certificates (--mesh-ca-file).
 	MeshCAFile string
+	// Workers is --workers; 0 leaves the relay's default (one per usable CPU).
+	Workers int
 	// Env is added to the process environment.
 	Env []string
 }
@@ -153,6 +155,9 @@ func (r *relayProc) args() []string {
 	}
 	if len(r.opts.MeshWith) > 0 {
 		args = append(args, "--mesh-with", joinComma(r.opts.MeshWith))
+	}
+	if r.opts.Workers > 0 {
+		args = append(args, "--workers", strconv.Itoa(r.opts.Workers))
 	}
 	if r.opts.VerifyClientURL != "" {
 		args = append(args, "--verify-client-url", r.opts.VerifyClientURL,

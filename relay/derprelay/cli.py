@@ -3,6 +3,7 @@
 Flags are named like Tailscale's ``derper`` where the feature is the same, so
 a derper command line mostly carries over.  ``--dev`` runs a complete relay on
 loopback with a self-signed certificate and prints the DERP map to use it.
+``--workers N`` runs the relay as N processes (``derprelay.supervisor``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import certs, frames, metrics
+from . import certs, frames, metrics, supervisor
 from .admission import url_admission
 from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
@@ -35,6 +36,8 @@ from .mesh import Mesh, MeshConfigError, parse_mesh_with
 from .ratelimit import TokenBucket
 from .server import HANDSHAKE_TIMEOUT, SEND_QUEUE_DEPTH, WRITE_TIMEOUT, RateLimit, RelayServer
 from .stunserver import start_stun_server
+from .supervisor import WorkerSetup
+from .workerlinks import WorkerHub, worker_family
 
 log = logging.getLogger("derprelay")
 
@@ -143,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDRS",
         help="also serve /debug/ and /metrics to these IPs/CIDRs (commas), e.g. the pod network "
         "for Prometheus; loopback and Tailscale addresses always may (derper's TS_ALLOW_DEBUG_IP too)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the ports, one relay (default: the CPUs this process may use, "
+        "after its cgroup CPU quota; 1: a single process)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
@@ -259,6 +268,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ConfigError("--mesh-with and --mesh-with-file need --mesh-psk-file")
     if args.per_client_rate_limit < 0 or args.send_queue_depth < 1:
         raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     return Settings(
         host=host,
         port=port,
@@ -290,11 +301,60 @@ def _bootstrap_dns(names: list[str]) -> bytes:
     return json.dumps(answer).encode()
 
 
-class Relay:
-    """A running relay: listener, STUN, mesh links; started and stopped as a unit."""
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Where a started relay serves: what its status file and the dev DERP map say."""
 
-    def __init__(self, settings: Settings) -> None:
+    settings: Settings
+    derp_port: int
+    stun_port: int
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.tls else "http"
+        host = self.settings.host or self.settings.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.derp_port}/derp"
+
+    def status(self, public_key: str, worker_pids: list[int]) -> dict[str, Any]:
+        """What tests, the demo and operators need to reach this relay."""
+        s = self.settings
+        return {
+            "url": self.url,
+            "host": s.host or s.hostname,
+            "hostname": s.hostname,
+            "derpPort": self.derp_port,
+            "stunPort": self.stun_port,
+            "publicKey": public_key,
+            "certName": s.tls.cert_name if s.tls else "",
+            "tls": s.tls is not None,
+            "pid": os.getpid(),
+            "workers": worker_pids,
+        }
+
+    def derp_map(self) -> DerpMap:
+        s = self.settings
+        host = s.host or "127.0.0.1"
+        node = DerpNode(
+            name=f"{DEV_REGION_ID}a",
+            region_id=DEV_REGION_ID,
+            host_name=s.hostname,
+            ipv4=host if _is_ip(host) and ":" not in host else "",
+            ipv6=host if ":" in host else "",
+            derp_port=self.derp_port,
+            stun_port=self.stun_port if self.stun_port else -1,
+            cert_name=s.tls.cert_name if s.tls else "",
+        )
+        return DerpMap((DerpRegion(DEV_REGION_ID, "dev", "derp-relay dev", (node,)),))
+
+
+class Relay:
+    """A running relay (or one worker of it): listener, STUN, mesh links; started and stopped as a unit."""
+
+    def __init__(self, settings: Settings, worker: WorkerSetup | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         args = settings.args
         self.stats = metrics.RelayStats()
         mesh_key = _read_mesh_key(args.mesh_psk_file) if args.mesh_psk_file else None
@@ -320,19 +380,31 @@ class Relay:
         )
         self.identity = metrics.Identity(VERSION)
         self.metrics = metrics.RelayMetrics(
-            lambda: metrics.relay_families(
-                self.stats,
-                self.server.gauges(),
-                self._mesh.states() if self._mesh else [],
-                self.identity,
-            )
+            lambda: [
+                *metrics.relay_families(
+                    self.stats,
+                    self.server.gauges(),
+                    self._mesh.states() if self._mesh else [],
+                    self.identity,
+                ),
+                *([worker_family(worker.index, self.server)] if worker else []),
+            ]
         )
+        self.hub: WorkerHub | None = None
+        if worker is not None:
+            self.hub = WorkerHub(worker.index, self.server, self.metrics.exposition)
         try:
             access = DebugAccess.from_settings(args.debug_allow, os.environ)
         except DebugConfigError as exc:
             raise ConfigError(f"--debug-allow (or {DEBUG_ENV_NAMES}): {exc}") from None
         self.debug = DebugSite(
-            self.server, self.metrics, self.identity, settings.hostname, access, mesh=lambda: self._mesh
+            self.server,
+            self.metrics,
+            self.identity,
+            settings.hostname,
+            access,
+            mesh=lambda: self._mesh,
+            workers=self.hub,
         )
         try:
             self.mesh_peers = parse_mesh_with(args.mesh_with)
@@ -366,9 +438,11 @@ class Relay:
         args = s.args
         accept_limit = None
         if math.isfinite(args.accept_connection_limit):
+            # Each worker takes its share: the kernel spreads connections evenly over them.
+            workers = self.worker.count if self.worker else 1
             accept_limit = TokenBucket(
-                args.accept_connection_limit,
-                max(1, args.accept_connection_burst),
+                args.accept_connection_limit / workers,
+                max(1, math.ceil(args.accept_connection_burst / workers)),
                 asyncio.get_running_loop().time(),
             )
         names = [n.strip() for n in args.bootstrap_dns_names.split(",") if n.strip()]
@@ -378,14 +452,22 @@ class Relay:
             bootstrap_dns=lambda: _bootstrap_dns(names),
             accept_limit=accept_limit,
         )
+        worker = self.worker
+        if self.hub is not None and worker is not None:
+            # Before the listener: a client must not register where the news cannot go yet.
+            await self.hub.connect(worker.links)
         try:
-            self._listener = await start_listener(site, s.host, s.port, self._ssl_context())
+            self._listener = await start_listener(
+                site, s.host, s.port, self._ssl_context(), sock=worker.derp_socket if worker else None
+            )
         except OSError as exc:
             raise ConfigError(f"-a {args.addr}: cannot listen: {exc.strerror}") from None
         self.derp_port = self._listener.sockets[0].getsockname()[1]
         if s.stun_port is not None:
             try:
-                self._stun = await start_stun_server(s.host, s.stun_port, self.stats)
+                self._stun = await start_stun_server(
+                    s.host, s.stun_port, self.stats, sock=worker.stun_socket if worker else None
+                )
             except OSError as exc:
                 raise ConfigError(f"--stun-port {s.stun_port}: cannot listen: {exc.strerror}") from None
             self.stun_port = self._stun.get_extra_info("sockname")[1]
@@ -402,45 +484,12 @@ class Relay:
             self._mesh.set_peers(self.mesh_peers)
 
     @property
-    def url(self) -> str:
-        scheme = "https" if self.settings.tls else "http"
-        host = self.settings.host or self.settings.hostname
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{scheme}://{host}:{self.derp_port}/derp"
-
-    def status(self) -> dict[str, Any]:
-        """What tests, the demo and operators need to reach this relay."""
-        s = self.settings
-        return {
-            "url": self.url,
-            "host": s.host or s.hostname,
-            "hostname": s.hostname,
-            "derpPort": self.derp_port,
-            "stunPort": self.stun_port,
-            "publicKey": public_key_text(self.server.public_key),
-            "certName": s.tls.cert_name if s.tls else "",
-            "tls": s.tls is not None,
-            "pid": os.getpid(),
-        }
-
-    def derp_map(self) -> DerpMap:
-        s = self.settings
-        host = s.host or "127.0.0.1"
-        node = DerpNode(
-            name=f"{DEV_REGION_ID}a",
-            region_id=DEV_REGION_ID,
-            host_name=s.hostname,
-            ipv4=host if _is_ip(host) and ":" not in host else "",
-            ipv6=host if ":" in host else "",
-            derp_port=self.derp_port,
-            stun_port=self.stun_port if self._stun else -1,
-            cert_name=s.tls.cert_name if s.tls else "",
-        )
-        return DerpMap((DerpRegion(DEV_REGION_ID, "dev", "derp-relay dev", (node,)),))
+    def listening(self) -> Listening:
+        return Listening(self.settings, self.derp_port, self.stun_port)
 
     async def stop(self) -> None:
         """Stop accepting, tell clients we are restarting, then close everything."""
+        self.server.closing = True  # the other workers are stopping too: their links will close
         if self._listener is not None:
             self._listener.close()
         if self._stun is not None:
@@ -451,42 +500,60 @@ class Relay:
         if self._mesh is not None:
             await self._mesh.close()
         await self.server.shutdown(SHUTDOWN_GRACE)
+        if self.hub is not None:
+            self.hub.close()
         if self._listener is not None:
             await self._listener.wait_closed()
 
 
-def _announce(relay: Relay, dev: bool) -> None:
-    status = relay.status()
-    log.info("DERP on %s, server key %s", status["url"], status["publicKey"])
-    if relay.stun_port:
-        log.info("STUN on udp port %d", relay.stun_port)
+def _announce(listening: Listening, status: dict[str, Any], dev: bool) -> None:
+    workers = len(status["workers"])
+    log.info(
+        "DERP on %s, server key %s%s",
+        status["url"],
+        status["publicKey"],
+        f", {workers} worker processes" if workers > 1 else "",
+    )
+    if listening.stun_port:
+        log.info("STUN on udp port %d", listening.stun_port)
     if status["certName"]:
         log.info("TLS: self-signed/pinned certificate %s", status["certName"])
     if dev:
         print(
             f"derp-relay (dev) is running.\n"
             f"  DERP: {status['url']}\n"
-            f"  STUN: {relay.settings.host}:{relay.stun_port}/udp\n"
+            f"  STUN: {listening.settings.host}:{listening.stun_port}/udp\n"
             f"  key:  {status['publicKey']}\n"
             f"  pin:  {status['certName'] or '(plain HTTP)'}\n"
             f"DERP map for this relay (Headscale derp.paths, or a Tailscale policy's derpMap):\n"
-            f"{relay.derp_map().dumps()}"
+            f"{listening.derp_map().dumps()}"
             f"Press Ctrl-C to stop.",
             flush=True,
         )
 
 
-async def serve(settings: Settings) -> None:
-    relay = Relay(settings)
+def _ready(listening: Listening, worker_pids: list[int]) -> None:
+    """The relay serves: write the status file, say where."""
+    settings = listening.settings
+    status = listening.status(public_key_text(settings.private_key.public), worker_pids)
+    if settings.args.status_file is not None:
+        _write_atomically(settings.args.status_file, json.dumps(status, indent=2).encode())
+    _announce(listening, status, settings.args.dev)
+
+
+async def serve(settings: Settings, worker: WorkerSetup | None = None) -> None:
+    """Run the relay, or one worker of it, until SIGTERM/SIGINT (or, for a worker, its parent is gone)."""
+    relay = Relay(settings, worker)
     await relay.start()
-    args = settings.args
-    if args.status_file is not None:
-        _write_atomically(args.status_file, json.dumps(relay.status(), indent=2).encode())
-    _announce(relay, args.dev)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is None:
+        _ready(relay.listening, [os.getpid()])
+    else:
+        loop.add_reader(worker.lifeline, stop.set)  # readable only at end of file: the parent is gone
+        os.write(worker.ready, b"+")
     await stop.wait()
     log.info("shutting down: telling %d clients to reconnect", relay.server.gauges().current_connections)
     await relay.stop()
@@ -495,25 +562,66 @@ async def serve(settings: Settings) -> None:
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per record, for log pipelines (Loki, Elasticsearch, Cloud Logging)."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def configure_logging(level: str, log_format: str, worker: int | None = None) -> None:
+    """Log to stderr as text or JSON; a worker process's lines say which worker wrote them."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
+        handler.setFormatter(JsonLogFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+        which = "" if worker is None else f"worker {worker} "
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {which}%(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _event_loop_runner() -> Any:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def _run_worker(settings: Settings, worker: WorkerSetup) -> int:
+    """The body of one worker process: its log lines say which worker it is."""
+    configure_logging(settings.args.log_level, settings.args.log_format, worker.index)
+    try:
+        _event_loop_runner()(serve(settings, worker))
+    except ConfigError as exc:
+        print(f"derp-relay: worker {worker.index}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_workers(settings: Settings, count: int) -> int:
+    try:
+        shared = supervisor.bind_shared(settings.host, settings.port, settings.stun_port, count)
+    except OSError as exc:
+        raise ConfigError(f"-a {settings.args.addr} / --stun-port: cannot listen: {exc.strerror}") from None
+    listening = Listening(settings, shared.derp_port, shared.stun_port)
+    return supervisor.run_workers(
+        count,
+        shared,
+        lambda worker: _run_worker(settings, worker),
+        lambda pids: _ready(listening, pids),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,14 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         settings = resolve(args)
-        runner: Any
-        try:
-            import uvloop  # noqa: PLC0415 - optional speed-up
-
-            runner = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        runner(serve(settings))
+        workers = args.workers or supervisor.default_workers()
+        if workers > 1:
+            return _run_workers(settings, workers)
+        _event_loop_runner()(serve(settings))
     except ConfigError as exc:
         print(f"derp-relay: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,10 @@ explicit allow-list (``--debug-allow``, and derper's own ``TS_ALLOW_DEBUG_IP``
 and ``TS_DEBUG_TRUSTED_CIDRS``) so Prometheus can scrape from a pod network.
 
 Pages are produced by :meth:`DebugSite.serve` as complete :class:`Reply`
-values; the HTTP layer only writes them.  The pure parts (access, the index,
+values; the HTTP layer only writes them.  With ``--workers`` the metrics pages
+(``/metrics``, ``/debug/varz``, ``/debug/vars``) are the whole relay's, every
+worker's figures added up; the other pages are the answering worker's, which
+the index names.  The pure parts (access, the index,
 traffic rounds, the consistency report) take plain values and are tested
 without sockets.
 """
@@ -31,6 +34,7 @@ from .keys import public_key_text
 from .mesh import Mesh, MeshViews
 from .metrics import Identity, RelayMetrics
 from .server import ConnectionTraffic, RelayServer
+from .workerlinks import WorkerHub
 
 log = logging.getLogger("derprelay.debug")
 
@@ -221,6 +225,8 @@ class DebugSite:
     access: DebugAccess = field(default_factory=DebugAccess)
     mesh: Callable[[], Mesh | None] = lambda: None
     profiler: profiling.CpuProfiler = field(default_factory=profiling.CpuProfiler)
+    workers: WorkerHub | None = None
+    """The other workers of this relay, whose metrics the metrics pages add up; None: one process."""
 
     def facts(self) -> list[tuple[str, str]]:
         server = self.server
@@ -229,6 +235,11 @@ class DebugSite:
             ("Version", f"derp-relay {self.identity.version}"),
             ("Machine", socket.gethostname()),
             ("PID", str(os.getpid())),
+            *(
+                [("Worker", f"{self.workers.index} (this page's figures are this worker's)")]
+                if self.workers
+                else []
+            ),
             ("TLS hostname", self.hostname),
             ("Server key", public_key_text(server.public_key)),
             ("Mesh key", str(server.mesh_key is not None).lower()),
@@ -245,13 +256,12 @@ class DebugSite:
         """Answer one debug request (the caller has checked access)."""
         path = request.path
         query = parse_qs(urlsplit(request.target).query)
-        metrics = self.metrics
         if path == "/metrics":
-            return Reply(200, metrics.prometheus(), "text/plain; version=0.0.4")
+            return Reply(200, await self.exposition("metrics"), "text/plain; version=0.0.4")
         if path == "/debug/varz":
-            return Reply(200, metrics.varz(), "text/plain; version=0.0.4")
+            return Reply(200, await self.exposition("varz"), "text/plain; version=0.0.4")
         if path == "/debug/vars":
-            return Reply(200, metrics.vars(), "application/json")
+            return Reply(200, await self.exposition("vars"), "application/json")
         if path in ("/debug", "/debug/"):
             return Reply(
                 200, render_index("derp-relay debug", self.facts(), LINKS), "text/html; charset=utf-8"
@@ -277,6 +287,12 @@ class DebugSite:
             seconds = _query_number(query, "seconds", DEFAULT_TRAFFIC_SECONDS, MAX_TRAFFIC_SECONDS)
             return text(200, await self.traffic(seconds))
         return text(404, "not found\n")
+
+    async def exposition(self, name: str) -> bytes:
+        """The relay's metrics: this process's, or with workers every worker's added up."""
+        if self.workers is None:
+            return self.metrics.exposition(name)
+        return await self.workers.relay_exposition(name)
 
     async def check(self) -> Reply:
         """derper's consistency check of the registry, and our view of each mesh peer against its own."""

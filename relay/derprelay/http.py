@@ -45,6 +45,9 @@ TCP_RTT_INTERVAL = 10.0
 TCP_INFO_LEN = 104
 """Bytes of struct tcp_info to ask for: enough for tcpi_rtt on every Linux since 2.6."""
 
+LISTEN_BACKLOG = 1024
+"""Connections the kernel may hold for us before we accept them (an accept storm's burst)."""
+
 WRITE_BUFFER_HIGH = 256 * 1024
 """Transport buffer above which a client counts as not reading (pause_writing)."""
 
@@ -397,16 +400,30 @@ def _no_content_headers(challenge: str) -> list[tuple[str, str]]:
 
 
 async def start_listener(
-    site: HttpSite, host: str, port: int, ssl_context: ssl.SSLContext | None
+    site: HttpSite,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen for relay connections (TLS when ``ssl_context`` is given)."""
+    """Listen for relay connections (TLS when ``ssl_context`` is given), or serve a bound ``sock``."""
     loop = asyncio.get_running_loop()
+    handshake_timeout = site.server.handshake_timeout if ssl_context else None
+    if sock is not None:
+        return await loop.create_server(
+            lambda: RelayHttpProtocol(site),
+            sock=sock,
+            ssl=ssl_context,
+            backlog=LISTEN_BACKLOG,
+            ssl_handshake_timeout=handshake_timeout,
+        )
     return await loop.create_server(
         lambda: RelayHttpProtocol(site),
         host=host or None,
         port=port,
         ssl=ssl_context,
         reuse_address=True,
-        backlog=1024,
-        ssl_handshake_timeout=site.server.handshake_timeout if ssl_context else None,
+        backlog=LISTEN_BACKLOG,
+        ssl_handshake_timeout=handshake_timeout,
     )

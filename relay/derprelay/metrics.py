@@ -56,6 +56,7 @@ class DropReason(enum.StrEnum):
     WRITE_ERROR = "write_error"
     DUP_CLIENT = "dup_client"
     MESH_BACKLOG = "mesh_backlog"
+    WORKER_BACKLOG = "worker_backlog"
 
 
 PACKET_KINDS = ("disco", "other")
@@ -103,6 +104,8 @@ class RelayStats:
     bytes_sent: int = 0
     packets_forwarded_in: int = 0
     packets_forwarded_out: int = 0
+    packets_to_workers: int = 0
+    packets_from_workers: int = 0
     pings_received: int = 0
     pongs_sent: int = 0
     home_moves_in: int = 0
@@ -301,6 +304,18 @@ def relay_families(
         _drops("derp_bytes_dropped", "DERP bytes dropped by reason and by kind", s.bytes_dropped),
         _one("derp_packets_forwarded_in", c, "Packets received from mesh peers", s.packets_forwarded_in),
         _one("derp_packets_forwarded_out", c, "Packets forwarded to mesh peers", s.packets_forwarded_out),
+        _one(
+            "derp_packets_to_workers",
+            c,
+            "Packets handed to another worker process of this relay",
+            s.packets_to_workers,
+        ),
+        _one(
+            "derp_packets_from_workers",
+            c,
+            "Packets another worker process of this relay handed to this one",
+            s.packets_from_workers,
+        ),
         _one("derp_got_ping", c, "Ping frames received", s.pings_received),
         _one("derp_sent_pong", c, "Pong frames sent", s.pongs_sent),
         _one("derp_home_moves_in", c, "Clients that made this relay their home", s.home_moves_in),
@@ -549,6 +564,12 @@ class RelayMetrics:
 
     def prometheus(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposition(self, name: str) -> bytes:
+        """``metrics`` (``/metrics``), ``varz`` (``/debug/varz``) or ``vars``, for another worker to add up."""
+        if name == "vars":
+            return self.vars()
+        return self.varz() if name == "varz" else self.prometheus()
 
     def vars(self) -> bytes:
         return vars_json(self.families())

@@ -12,6 +12,12 @@ queue of bounded depth that drops the oldest packet when the client is not
 reading, the last-active-wins policy for one key connected twice, PeerGone to
 everyone who received from a client that left the region, WatchConns and
 ClosePeer for holders of the mesh key only.
+
+With ``--workers N`` each worker process runs its own :class:`RelayServer`,
+and these rules hold for the relay as a whole: a worker learns the other
+workers' clients through :class:`WorkerPeers` (``derprelay.workerlinks``) and
+keeps them apart from its own, in ``_elsewhere``.  A packet goes to a client
+here, else to the worker holding the key, else through the mesh.
 """
 
 from __future__ import annotations
@@ -111,6 +117,28 @@ class PacketForwarder(Protocol):
         """Queue the packet; False if it had to be dropped."""
 
 
+class WorkerPeers(Protocol):
+    """The relay's other worker processes, as one worker's registry sees them."""
+
+    def client_joined(self, present: f.PeerPresent) -> None:
+        """A connection of ``present.peer`` registered here."""
+
+    def client_left(self, key: bytes) -> None:
+        """A connection of ``key`` here is gone."""
+
+    def client_active(self, key: bytes) -> None:
+        """A connection of ``key`` here sent last, so it should get the key's packets."""
+
+    def close_peer(self, key: bytes) -> None:
+        """Close the others' connections of ``key``."""
+
+    def forward(self, worker: int, source: bytes, destination: bytes, packet: bytes) -> bool:
+        """Queue the packet to ``worker``; False if it had to be dropped."""
+
+    def after_all_heard(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every other worker has handled what we told it so far."""
+
+
 Admission = Callable[[bytes, str], Coroutine[Any, Any, None]]
 """Checks (client key, client IP) and raises AdmissionDenied to refuse."""
 
@@ -154,6 +182,24 @@ class _KeySet:
         self.active: ClientConnection | None = first
 
 
+class _Elsewhere:
+    """A client key's connections on the other workers of this relay (it may be here too)."""
+
+    __slots__ = ("active_worker", "connections", "present")
+
+    def __init__(self, worker: int, present: f.PeerPresent) -> None:
+        self.connections: dict[int, int] = {worker: 1}
+        """Connections of the key on each worker, in the order the workers got their first."""
+        self.active_worker = worker
+        """Where packets for the key go: the newest connection, or the last to send."""
+        self.present = present
+        """The latest PeerPresent, for the watcher flood."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.connections.values())
+
+
 class RelayServer:
     """The registry and router shared by every connection of one relay process."""
 
@@ -183,6 +229,9 @@ class RelayServer:
         self._forwarders: dict[bytes, list[PacketForwarder]] = {}
         self._received_from: dict[bytes, set[ClientConnection]] = {}
         self._connections: set[ClientConnection] = set()
+        self._elsewhere: dict[bytes, _Elsewhere] = {}
+        self.workers: WorkerPeers | None = None
+        """The other workers of this relay; None when it is one process."""
         self.mesh_links_up = 0
         self.closing = False
 
@@ -230,7 +279,8 @@ class RelayServer:
         return problems
 
     def is_connected(self, key: bytes) -> bool:
-        return key in self._clients
+        """Whether ``key`` is connected to this relay, here or on another worker."""
+        return key in self._clients or key in self._elsewhere
 
     def connection_started(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
@@ -238,20 +288,25 @@ class RelayServer:
     def register(self, conn: ClientConnection) -> None:
         """Make ``conn`` the active connection for its key and tell the watchers."""
         key_set = self._clients.get(conn.key)
+        elsewhere = self._elsewhere.get(conn.key)
         if key_set is None:
-            self._clients[conn.key] = _KeySet(conn)
+            key_set = self._clients[conn.key] = _KeySet(conn)
         else:
             key_set.connections.append(conn)
             key_set.active = conn
+        if len(key_set.connections) > 1 or elsewhere is not None:
             self.stats.dup_client_conns_total += 1
             for dup in key_set.connections:
                 dup.send_health(DUPLICATE_KEY_HEALTH)
             log.info(
                 "client %s connected %d times; newest is active",
                 short_key(conn.key),
-                len(key_set.connections),
+                len(key_set.connections) + (elsewhere.total if elsewhere else 0),
             )
-        self._broadcast(f.PeerPresent(conn.key, conn.address, conn.port, conn.present_flags))
+        present = f.PeerPresent(conn.key, conn.address, conn.port, conn.present_flags)
+        if self.workers is not None:
+            self.workers.client_joined(present)
+        self._broadcast(present)
 
     def unregister(self, conn: ClientConnection) -> None:
         """Forget ``conn``; if its key is gone from the region, send PeerGones."""
@@ -267,37 +322,57 @@ class RelayServer:
         if key_set is None or conn not in key_set.connections:
             return
         key_set.connections.remove(conn)
+        if self.workers is not None:
+            self.workers.client_left(conn.key)
+        elsewhere = self._elsewhere.get(conn.key)
         if key_set.connections:
-            key_set.active = key_set.connections[-1]
-            if len(key_set.connections) == 1:
-                key_set.active.send_health("")
+            if key_set.active is not None or elsewhere is None:
+                key_set.active = key_set.connections[-1]
+            if len(key_set.connections) == 1 and elsewhere is None:
+                key_set.connections[0].send_health("")
             return
         del self._clients[conn.key]
-        self._broadcast(f.PeerGone(conn.key))
-        if conn.key not in self._forwarders:
-            self._note_gone_from_region(conn.key)
+        if elsewhere is None:
+            self._gone(conn.key)
+
+    def _gone(self, key: bytes) -> None:
+        """``key``'s last connection to this relay (every worker of it) is gone."""
+        self._broadcast(f.PeerGone(key))
+        if key not in self._forwarders:
+            self._note_gone_from_region(key)
 
     def note_activity(self, conn: ClientConnection) -> None:
         """Last writer is active: a duplicate that speaks takes the key's packets."""
         key_set = self._clients.get(conn.key)
-        if key_set is not None and len(key_set.connections) > 1:
+        if key_set is not None and key_set.active is not conn:
             key_set.active = conn
+            # A mesh peer's links (one per worker of that relay) all write; nobody sends to its key.
+            if self.workers is not None and conn.key in self._elsewhere and not conn.can_mesh:
+                self.workers.client_active(conn.key)
+                conn.hold_until_all_heard(self.workers)
 
     def add_watcher(self, conn: ClientConnection) -> None:
         """Subscribe a mesh peer to PeerPresent/PeerGone, starting with everyone now here."""
         if conn.key == self.public_key:
             return  # our own mesh link looped back to us
         self._watchers.add(conn)
-        conn.queue_control(
-            [
-                f.PeerPresent(k, s.active.address, s.active.port, s.active.present_flags).encode()
-                for k, s in self._clients.items()
-                if s.active is not None
-            ]
-        )
+        here = [
+            f.PeerPresent(
+                k, s.connections[-1].address, s.connections[-1].port, s.connections[-1].present_flags
+            )
+            for k, s in self._clients.items()
+        ]
+        others = [e.present for k, e in self._elsewhere.items() if k not in self._clients]
+        conn.queue_control([present.encode() for present in here + others])
 
     def close_peer(self, key: bytes) -> int:
-        """Close every connection of ``key`` (a mesh peer asked); returns how many."""
+        """Close every connection of ``key`` (a mesh peer asked); returns how many here."""
+        if self.workers is not None and key in self._elsewhere:
+            self.workers.close_peer(key)
+        return self.close_local_peer(key)
+
+    def close_local_peer(self, key: bytes) -> int:
+        """Close this worker's connections of ``key``; returns how many."""
         key_set = self._clients.get(key)
         if key_set is None:
             return 0
@@ -338,7 +413,7 @@ class RelayServer:
         if present:
             return
         del self._forwarders[key]
-        if key not in self._clients:
+        if not self.is_connected(key):
             self._note_gone_from_region(key)
 
     # --- routing ------------------------------------------------------------
@@ -358,11 +433,19 @@ class RelayServer:
         so two relays that disagree about a client cannot bounce it forever.
         """
         key_set = self._clients.get(dest)
-        if key_set is not None:
-            if key_set.active is not None:
-                key_set.active.deliver_packet(source, packet)
+        if key_set is not None and key_set.active is not None:
+            key_set.active.deliver_packet(source, packet)
+            return
+        elsewhere = self._elsewhere.get(dest)
+        if elsewhere is not None:
+            assert self.workers is not None
+            if self.workers.forward(elsewhere.active_worker, source, dest, packet):
+                self.stats.packets_to_workers += 1
             else:
-                self.stats.drop(DropReason.DUP_CLIENT, packet)
+                self.stats.drop(DropReason.WORKER_BACKLOG, packet)
+            return
+        if key_set is not None:
+            self.stats.drop(DropReason.DUP_CLIENT, packet)
             return
         forwarders = None if forwarded else self._forwarders.get(dest)
         if forwarders:
@@ -378,6 +461,80 @@ class RelayServer:
 
     def note_received_from(self, source: bytes, receiver: ClientConnection) -> None:
         self._received_from.setdefault(source, set()).add(receiver)
+
+    # --- the other workers of this relay ------------------------------------------
+
+    def worker_packet(self, source: bytes, dest: bytes, packet: bytes) -> None:
+        """Another worker sends us a packet for a client of ours; never passed on again."""
+        self.stats.packets_from_workers += 1
+        key_set = self._clients.get(dest)
+        if key_set is None:
+            self.stats.drop(DropReason.GONE_DISCONNECTED, packet)
+            return
+        (key_set.active or key_set.connections[-1]).deliver_packet(source, packet)
+
+    def worker_client_joined(self, worker: int, present: f.PeerPresent) -> None:
+        """A client connected to ``worker``: it is the newest, so it gets the key's packets."""
+        key = present.peer
+        elsewhere = self._elsewhere.get(key)
+        if elsewhere is None:
+            self._elsewhere[key] = _Elsewhere(worker, present)
+        else:
+            elsewhere.connections[worker] = elsewhere.connections.get(worker, 0) + 1
+            elsewhere.active_worker = worker
+            elsewhere.present = present
+        key_set = self._clients.get(key)
+        if key_set is not None:
+            key_set.active = None
+            for dup in key_set.connections:
+                dup.send_health(DUPLICATE_KEY_HEALTH)
+        self._broadcast(present)
+
+    def worker_client_left(self, worker: int, key: bytes) -> None:
+        """One of ``worker``'s connections of ``key`` is gone."""
+        elsewhere = self._elsewhere.get(key)
+        if elsewhere is None or worker not in elsewhere.connections:
+            return
+        elsewhere.connections[worker] -= 1
+        left_the_worker = elsewhere.connections[worker] == 0
+        if left_the_worker:
+            del elsewhere.connections[worker]
+        active_left = left_the_worker and elsewhere.active_worker == worker
+        if not elsewhere.connections:
+            del self._elsewhere[key]
+        elif active_left:
+            elsewhere.active_worker = next(reversed(elsewhere.connections))
+        key_set = self._clients.get(key)
+        if key_set is None:
+            if key not in self._elsewhere:
+                self._gone(key)
+            return
+        if active_left and key_set.active is None:
+            key_set.active = key_set.connections[-1]  # ours before another worker's
+        if key not in self._elsewhere and len(key_set.connections) == 1:
+            key_set.connections[0].send_health("")
+
+    def worker_client_active(self, worker: int, key: bytes) -> None:
+        """``worker``'s connection of ``key`` sent last: packets go there now."""
+        elsewhere = self._elsewhere.get(key)
+        if elsewhere is None or worker not in elsewhere.connections:
+            return
+        elsewhere.active_worker = worker
+        key_set = self._clients.get(key)
+        if key_set is not None:
+            key_set.active = None
+
+    def worker_lost(self, worker: int) -> None:
+        """The link to ``worker`` broke: its clients are gone (unless we are stopping too)."""
+        if self.closing:
+            return
+        for key in [k for k, e in self._elsewhere.items() if worker in e.connections]:
+            for _ in range(self._elsewhere[key].connections[worker]):
+                self.worker_client_left(worker, key)
+
+    def connection_count(self) -> int:
+        """DERP connections on this worker (the worker metrics' per-worker figure)."""
+        return len(self._connections)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -444,6 +601,8 @@ class ClientConnection:
         self._writing_paused = False
         self._queued_since = 0.0
         """When the oldest packet queued while writing was paused arrived (0: none waits)."""
+        self._holds = 0
+        """Frames wait while other workers may not know yet what we told them (see ``hold_until_all_heard``)."""
         self._loop = asyncio.get_running_loop()
         self._write_deadline: asyncio.TimerHandle | None = None
         self._keep_alive: asyncio.TimerHandle | None = None
@@ -560,6 +719,9 @@ class ClientConnection:
         self.queue_control([f.ServerInfo(server.private_key.seal_to(self.key, info.to_json())).encode()])
         server.stats.accepts += 1
         server.register(self)
+        if server.workers is not None:
+            # ServerInfo tells the client it may be reached: with workers, once all know it.
+            self.hold_until_all_heard(server.workers)
         self._schedule_keep_alive()
         log.debug("%s: connected (mesh=%s prober=%s)", self._label, self.can_mesh, self.is_prober)
 
@@ -679,13 +841,28 @@ class ClientConnection:
         self.queue_control([f.Health(problem).encode()])
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and not self._writing_paused:
+        if not self._flush_scheduled and not self._writing_paused and not self._holds:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def hold_until_all_heard(self, workers: WorkerPeers) -> None:
+        """Write nothing more until every worker has heard what this one told them so far.
+
+        Call it after telling them (the sync goes down the same links, behind the news).
+        Whatever the client does after our next frame (send to a peer that just
+        connected elsewhere, expect packets once it spoke last) then finds
+        every worker up to date, as it would find one process.
+        """
+        self._holds += 1
+        workers.after_all_heard(self._release)
+
+    def _release(self) -> None:
+        self._holds -= 1
+        self._schedule_flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._state is _State.CLOSED or self._writing_paused:
+        if self._state is _State.CLOSED or self._writing_paused or self._holds:
             return
         batch = self._control
         self._control = []

@@ -50,17 +50,20 @@ class StunServerProtocol(asyncio.DatagramProtocol):
         log.debug("STUN socket error: %s", exc)
 
 
-async def start_stun_server(host: str, port: int, stats: RelayStats) -> asyncio.DatagramTransport:
-    """Bind the STUN socket; an empty host or ``::`` serves IPv4 and IPv6 alike."""
+async def start_stun_server(
+    host: str, port: int, stats: RelayStats, *, sock: socket.socket | None = None
+) -> asyncio.DatagramTransport:
+    """Bind the STUN socket (or serve a bound ``sock``); an empty host or ``::`` serves IPv4 and IPv6 alike."""
     loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if not host or ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6 and host in ("", "::"):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host or "::", port))
-    except OSError:
-        sock.close()
-        raise
+    if sock is None:
+        family = socket.AF_INET6 if not host or ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6 and host in ("", "::"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host or "::", port))
+        except OSError:
+            sock.close()
+            raise
     transport, _ = await loop.create_datagram_endpoint(lambda: StunServerProtocol(stats), sock=sock)
     return transport

@@ -46,7 +46,7 @@ class MessageType(enum.IntEnum):
     CLOSE_PEER = 0x05
     """Key: close your connections of this key (a mesh peer's ClosePeer)."""
     STATS_REQUEST = 0x06
-    """Request id: answer with your metrics exposition."""
+    """Request id, then the exposition's name (``metrics``, ``varz``): answer with yours."""
     STATS_REPLY = 0x07
     """Request id, then the Prometheus text exposition of that worker."""
     SYNC = 0x08
@@ -106,9 +106,11 @@ class ClosePeer:
 @dataclass(frozen=True, slots=True)
 class StatsRequest:
     request_id: int
+    exposition: str
 
     def encode(self) -> bytes:
-        return _id_message(MessageType.STATS_REQUEST, self.request_id)
+        payload = _REQUEST_ID.pack(self.request_id) + self.exposition.encode()
+        return _HEADER.pack(MessageType.STATS_REQUEST, len(payload)) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +187,17 @@ def parse_message(message_type: int, payload: bytes) -> Message:
         if len(payload) != KEY_LEN:
             raise WorkerProtocolError(f"{MessageType(message_type).name} must carry one key")
         return _KEY_MESSAGES[message_type](payload)
-    if message_type == MessageType.STATS_REPLY:
+    if message_type in (MessageType.STATS_REQUEST, MessageType.STATS_REPLY):
         if len(payload) < _REQUEST_ID.size:
-            raise WorkerProtocolError("STATS_REPLY has no request id")
+            raise WorkerProtocolError(f"{MessageType(message_type).name} has no request id")
         (request_id,) = _REQUEST_ID.unpack_from(payload)
-        return StatsReply(request_id, payload[_REQUEST_ID.size :])
+        rest = payload[_REQUEST_ID.size :]
+        if message_type == MessageType.STATS_REQUEST:
+            try:
+                return StatsRequest(request_id, rest.decode("ascii"))
+            except UnicodeDecodeError:
+                raise WorkerProtocolError("STATS_REQUEST names no exposition") from None
+        return StatsReply(request_id, rest)
     if message_type in _ID_MESSAGES:
         if len(payload) != _REQUEST_ID.size:
             raise WorkerProtocolError(f"{MessageType(message_type).name} must carry a request id alone")
@@ -205,8 +213,7 @@ _KEY_MESSAGES: dict[int, type[ClientLeft | ClientActive | ClosePeer]] = {
 }
 
 
-_ID_MESSAGES: dict[int, type[StatsRequest | Sync | SyncDone]] = {
-    MessageType.STATS_REQUEST: StatsRequest,
+_ID_MESSAGES: dict[int, type[Sync | SyncDone]] = {
     MessageType.SYNC: Sync,
     MessageType.SYNC_DONE: SyncDone,
 }

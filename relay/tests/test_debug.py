@@ -157,6 +157,12 @@ def test_collapsed_stacks() -> None:
 # --- on real relays --------------------------------------------------------------------
 
 
+@pytest.fixture
+def relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
+    """One process: with workers, the pages other than the metrics are the answering worker's."""
+    return relay_factory("--workers", "1")
+
+
 async def test_debug_pages_on_a_relay(relay: RelayProcess) -> None:
     client, key = await new_client(relay)
     try:

@@ -118,7 +118,10 @@ async def test_unreachable_admission_endpoint(
 
 
 async def test_accept_rate_limit_turns_away_the_excess(relay_factory: Callable[..., RelayProcess]) -> None:
-    relay = relay_factory("--accept-connection-limit", "1", "--accept-connection-burst", "2")
+    # One process: with N workers each takes 1/N of the limit, and the kernel picks the worker.
+    relay = relay_factory(
+        "--accept-connection-limit", "1", "--accept-connection-burst", "2", "--workers", "1"
+    )
     key = NodePrivateKey.generate()
     kept = [await connect(relay.endpoint, key), await connect(relay.endpoint, key)]
     with pytest.raises(DerpClientError):

@@ -27,7 +27,7 @@ EVERY_MESSAGE: list[ww.Message] = [
     ww.ClientLeft(KEY_A),
     ww.ClientActive(KEY_B),
     ww.ClosePeer(KEY_A),
-    ww.StatsRequest(7),
+    ww.StatsRequest(7, "varz"),
     ww.StatsReply(7, b"# TYPE x counter\nx_total 1.0\n"),
     ww.Sync(2**32 - 1),
     ww.SyncDone(0),
