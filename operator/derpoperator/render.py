@@ -10,6 +10,7 @@ the garbage collector remove the rest.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -215,6 +216,9 @@ def relay_args(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
             args += ["--mesh-ca-file", f"{TLS_DIR}/tls.crt"]
         else:
             args += ["--mesh-tls-insecure"]
+    workers = relay_workers(spec.resources)
+    if workers is not None:
+        args += ["--workers", str(workers)]
     if spec.verify_clients is not None:
         args += [
             "--verify-client-url",
@@ -224,6 +228,32 @@ def relay_args(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
     if ref.relay_debug_allow:
         args += ["--debug-allow", ref.relay_debug_allow]
     return args
+
+
+def relay_workers(resources: Mapping[str, Any]) -> int | None:
+    """Relay worker processes for the container's CPU limit: the nearest whole core, at least 1.
+
+    Said explicitly so the manifest shows it; the relay would read the same
+    from its cgroup quota.  Without a limit there is no quota: the relay's
+    default then takes every core of the node, which a relay alone on its
+    node (hostPort) may use; a CPU request is a floor, not a cap.
+    """
+    limits = resources.get("limits")
+    cores = cpu_cores(limits.get("cpu")) if isinstance(limits, Mapping) else None
+    return None if cores is None else max(1, math.floor(cores + 0.5))
+
+
+def cpu_cores(quantity: object) -> float | None:
+    """A Kubernetes CPU quantity (``2``, ``1.5``, ``500m``) in cores; None if absent or not one."""
+    text = str(quantity).strip() if isinstance(quantity, str | int | float) else ""
+    scale = 1.0
+    if text.endswith("m"):
+        text, scale = text[:-1], 0.001
+    try:
+        cores = float(text) * scale
+    except ValueError:
+        return None
+    return cores if math.isfinite(cores) and cores > 0 else None
 
 
 def _env_from_field(name: str, field_path: str) -> dict[str, Any]:

@@ -342,3 +342,23 @@ def test_render_region_needs_the_secrets_it_renders(ref: RegionRef) -> None:
     assert render_region(
         ref, spec_of(mesh={"enabled": False}, tls={"mode": "secret", "secretName": "x"}), None, None
     )
+
+
+@pytest.mark.parametrize(
+    ("resources", "workers"),
+    [
+        ({"limits": {"cpu": "4"}}, ["--workers", "4"]),
+        ({"limits": {"cpu": "1500m"}, "requests": {"cpu": "1"}}, ["--workers", "2"]),
+        ({"limits": {"cpu": "250m"}}, ["--workers", "1"]),
+        ({"limits": {"cpu": 3}}, ["--workers", "3"]),
+        ({"requests": {"cpu": "2"}}, []),
+        ({"limits": {"memory": "1Gi"}}, []),
+    ],
+)
+def test_relay_workers_follow_the_cpu_limit(
+    ref: RegionRef, resources: dict[str, Any], workers: list[str]
+) -> None:
+    args = relay_args(ref, spec_of(resources=resources))
+    at = args.index("--workers") if "--workers" in args else len(args)
+    assert args[at : at + 2] == workers
+    assert relay_parser().parse_args(args).workers == (int(workers[1]) if workers else None)
