@@ -32,6 +32,8 @@ func main() {
 		rounds      = flag.Int("rounds", 3, "rounds per server (interleaved: ours, derper, ours, …)")
 		idle        = flag.String("idle", "1000,10000", "idle connection counts for the RSS figures (empty: none)")
 		relayCPU    = flag.Int("relay-cpu", 0, "CPU both relays are pinned to")
+		relayCPUs   = flag.String("relay-cpus", "", "CPUs both relays are pinned to, a taskset list such as 0,1 (overrides -relay-cpu)")
+		workers     = flag.Int("relay-workers", 0, "derp-relay's --workers (0: its default, one per CPU it is pinned to)")
 		loadCPU     = flag.Int("load-cpu", 1, "CPU this load generator runs on (bench/run pins it; recorded only)")
 		jsonOut     = flag.String("json", "", "write the results here")
 		markdownOut = flag.String("markdown", "", "render the results as markdown here (RESULTS.md)")
@@ -59,7 +61,10 @@ func main() {
 
 	cfg := config{
 		Pairs: *pairs, Window: *window, WarmupSec: warmup.Seconds(), DurationSec: duration.Seconds(),
-		Rounds: *rounds, RelayCPU: *relayCPU, LoadCPU: *loadCPU,
+		Rounds: *rounds, RelayCPU: *relayCPU, RelayCPUs: *relayCPUs, RelayWorkers: *workers, LoadCPU: *loadCPU,
+	}
+	if cfg.RelayCPUs == "" {
+		cfg.RelayCPUs = strconv.Itoa(cfg.RelayCPU)
 	}
 	var err1, err2 error
 	cfg.Sizes, err1 = parseInts(*sizes)
@@ -72,8 +77,8 @@ func main() {
 		log.Fatal("no derper binary: pass -derper or set DERPER (bench/run builds one)")
 	}
 	specs := []serverSpec{
-		{kind: ours, binary: *relayBin, cpu: *relayCPU},
-		{kind: theirs, binary: *derperBin, cpu: *relayCPU},
+		{kind: ours, binary: *relayBin, cpus: cfg.RelayCPUs, workers: cfg.RelayWorkers},
+		{kind: theirs, binary: *derperBin, cpus: cfg.RelayCPUs},
 	}
 	beforeCommit := ""
 	if *relayBefore != "" {
@@ -85,7 +90,7 @@ func main() {
 			log.Fatalf("-relay-before %s: not a derpfleet checkout: %v", *relayBefore, err)
 		}
 		beforeCommit = strings.TrimSpace(output("git", "-C", *relayBefore, "rev-parse", "--short", "HEAD"))
-		specs = append(specs, serverSpec{kind: before, binary: *relayBin, cpu: *relayCPU, env: []string{"PYTHONPATH=" + source}})
+		specs = append(specs, serverSpec{kind: before, binary: *relayBin, cpus: cfg.RelayCPUs, env: []string{"PYTHONPATH=" + source}})
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -133,8 +138,8 @@ func measure(ctx context.Context, cfg config, specs []serverSpec, profileDir, pr
 		Config:  cfg,
 	}
 	log.Printf("%s; %d cores; %s", r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel)
-	log.Printf("relays on CPU %d, load generator on CPU %d; %d round(s) each, %d pairs, sizes %v, %v per cell",
-		cfg.RelayCPU, cfg.LoadCPU, cfg.Rounds, cfg.Pairs, cfg.Sizes, time.Duration(cfg.DurationSec*float64(time.Second)))
+	log.Printf("relays on CPUs %s (derp-relay --workers %d), load generator on CPU %d; %d round(s) each, %d pairs, sizes %v, %v per cell",
+		cfg.RelayCPUs, cfg.RelayWorkers, cfg.LoadCPU, cfg.Rounds, cfg.Pairs, cfg.Sizes, time.Duration(cfg.DurationSec*float64(time.Second)))
 	for round := 1; round <= cfg.Rounds; round++ {
 		for _, spec := range specs {
 			run := serverRun{Server: spec.kind, Round: round}

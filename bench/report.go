@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -29,7 +30,10 @@ type config struct {
 	Rounds      int     `json:"rounds"`
 	Idle        []int   `json:"idle"`
 	RelayCPU    int     `json:"relayCpu"`
-	LoadCPU     int     `json:"loadCpu"`
+	// RelayCPUs and RelayWorkers: where relays ran and derp-relay's --workers (0: its default).
+	RelayCPUs    string `json:"relayCpus,omitempty"`
+	RelayWorkers int    `json:"relayWorkers,omitempty"`
+	LoadCPU      int    `json:"loadCpu"`
 }
 
 // serverNote is a non-numeric fact about a server (its version).
@@ -232,8 +236,8 @@ func (r *results) writeMarkdown(path string, notes string) error {
 	fmt.Fprintf(&b, "Median of %d interleaved rounds per server (derp-relay, derper, derp-relay, …). "+
 		"Each cell: %d derphttp sender→receiver pairs flood packets of one size for %.0f s "+
 		"(after %.0f s warm-up) over TLS, while one more pair sends a timestamped probe every %v "+
-		"for the latency figures. Relays pinned to CPU %d, the load generator to CPU %d.\n\n",
-		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.RelayCPU, c.LoadCPU)
+		"for the latency figures. Relays pinned to CPU %s, the load generator to CPU %d.%s\n\n",
+		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.relayCPUs(), c.LoadCPU, c.workersNote())
 	writeTable(&b, c, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
 	if earlier, ok := r.Median[before]; ok {
 		fmt.Fprintln(&b)
@@ -250,4 +254,20 @@ func (r *results) writeMarkdown(path string, notes string) error {
 		fmt.Fprintln(&b)
 	}
 	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
+
+// relayCPUs is the relays' CPU list, also for results recorded before -relay-cpus.
+func (c config) relayCPUs() string {
+	if c.RelayCPUs != "" {
+		return c.RelayCPUs
+	}
+	return strconv.Itoa(c.RelayCPU)
+}
+
+// workersNote says how many worker processes derp-relay ran, when told.
+func (c config) workersNote() string {
+	if c.RelayWorkers == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" derp-relay ran %d worker processes (--workers); its CPU and RSS are all of them together.", c.RelayWorkers)
 }

@@ -40,10 +40,11 @@ const clockTicksPerSecond = 100
 
 // serverSpec says how to start one kind of relay.
 type serverSpec struct {
-	kind   serverKind
-	binary string
-	cpu    int      // the CPU the relay is pinned to (taskset)
-	env    []string // added to the environment (PYTHONPATH for the before checkout)
+	kind    serverKind
+	binary  string
+	cpus    string   // the CPUs the relay is pinned to (a taskset list)
+	workers int      // derp-relay's --workers (0: its default)
+	env     []string // added to the environment (PYTHONPATH for the before checkout)
 }
 
 // args are the flags of one relay: the same listener, TLS certificate and
@@ -60,11 +61,15 @@ func (s serverSpec) args(port int, dir string) []string {
 			"-c", cfg, "-home", "blank",
 		}
 	default:
-		return []string{
+		args := []string{
 			"-a", addr, "--no-stun",
 			"--certmode", "manual", "--certdir", dir, "--hostname", benchHost,
 			"-c", cfg, "--log-level", "warning",
 		}
+		if s.workers > 0 {
+			args = append(args, "--workers", strconv.Itoa(s.workers))
+		}
+		return args
 	}
 }
 
@@ -86,7 +91,7 @@ func startServer(ctx context.Context, spec serverSpec, cert *benchCert, dir stri
 	if err != nil {
 		return nil, err
 	}
-	argv := append([]string{"-c", strconv.Itoa(spec.cpu), spec.binary}, spec.args(port, dir)...)
+	argv := append([]string{"-c", spec.cpus, spec.binary}, spec.args(port, dir)...)
 	s := &server{spec: spec, port: port, logs: new(bytes.Buffer), exited: make(chan struct{})}
 	s.cmd = exec.Command("taskset", argv...)
 	s.cmd.Env = append(os.Environ(), spec.env...)
@@ -152,12 +157,52 @@ func (s *server) alive() error {
 	}
 }
 
-// cpuSeconds is the relay's user+system CPU time so far, all threads.
-func (s *server) cpuSeconds() (float64, error) { return procCPUSeconds(s.cmd.Process.Pid) }
+// cpuSeconds is the relay's user+system CPU time so far, all threads of all
+// its processes (derp-relay --workers N is N+1 processes).
+func (s *server) cpuSeconds() (float64, error) {
+	total := 0.0
+	for _, pid := range processTree(s.cmd.Process.Pid) {
+		cpu, err := procCPUSeconds(pid)
+		if err != nil {
+			return 0, err
+		}
+		total += cpu
+	}
+	return total, nil
+}
 
-// rssBytes is the relay's resident set size.
+// rssBytes is the relay's resident set size, all its processes together.
 func (s *server) rssBytes() (int64, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
+	var total int64
+	for _, pid := range processTree(s.cmd.Process.Pid) {
+		rss, err := procRSSBytes(pid)
+		if err != nil {
+			return 0, err
+		}
+		total += rss
+	}
+	return total, nil
+}
+
+// processTree is pid and its descendants, from /proc/<pid>/task/<tid>/children.
+func processTree(pid int) []int {
+	tree := []int{pid}
+	for i := 0; i < len(tree); i++ {
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", tree[i]))
+		for _, path := range tasks {
+			data, _ := os.ReadFile(path)
+			for _, field := range strings.Fields(string(data)) {
+				if child, err := strconv.Atoi(field); err == nil {
+					tree = append(tree, child)
+				}
+			}
+		}
+	}
+	return tree
+}
+
+func procRSSBytes(pid int) (int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
