@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy bench/hotpath.py
+	$(BIN)/mypy bench/hotpath.py bench/workerpath.py
 
 unit: setup
 	$(BIN)/pytest
@@ -56,10 +56,11 @@ bench: setup
 	$(if $(BEFORE),git worktree prune && { test -d $(BEFORE_TREE) || git worktree add --detach $(BEFORE_TREE) $(BEFORE); })
 	$(BENCH) -json results.json -markdown RESULTS.md -notes method.md $(if $(BEFORE),-relay-before $(BEFORE_TREE)) $(BENCH_ARGS)
 
-## bench-smoke: a few seconds of the benchmark, both relays, and of bench/hotpath.py (checks delivery, not speed)
+## bench-smoke: a few seconds of the benchmark, both relays, and of bench/hotpath.py and bench/workerpath.py (checks delivery, not speed)
 bench-smoke: setup
 	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -warmup 300ms -duration 1s -idle 20
 	$(BIN)/python bench/hotpath.py --packets 2000 --repeats 1
+	PATH="$(BIN):$$PATH" $(BIN)/python bench/workerpath.py --seconds 0.5
 
 ## bench-profile: py-spy flame graphs of derp-relay under the benchmark's load, in bench/profile/
 bench-profile: setup
