@@ -187,7 +187,7 @@ class WorkerHub:
     def link_lost(self, peer: int) -> None:
         self._links.pop(peer, None)
         if not self._server.closing:
-            log.warning("worker link %d: closed; forgetting that worker's clients", peer)
+            log.info("worker link %d: closed; forgetting that worker's clients", peer)
         self._server.worker_lost(peer)
         for request_id in list(self._syncs):
             self._sync_answered(request_id, peer)
