@@ -159,27 +159,20 @@ func (s *server) alive() error {
 
 // cpuSeconds is the relay's user+system CPU time so far, all threads of all
 // its processes (derp-relay --workers N is N+1 processes).
-func (s *server) cpuSeconds() (float64, error) {
-	total := 0.0
-	for _, pid := range processTree(s.cmd.Process.Pid) {
-		cpu, err := procCPUSeconds(pid)
-		if err != nil {
-			return 0, err
-		}
-		total += cpu
-	}
-	return total, nil
-}
+func (s *server) cpuSeconds() (float64, error) { return sumOverTree(s.cmd.Process.Pid, procCPUSeconds) }
 
 // rssBytes is the relay's resident set size, all its processes together.
-func (s *server) rssBytes() (int64, error) {
-	var total int64
-	for _, pid := range processTree(s.cmd.Process.Pid) {
-		rss, err := procRSSBytes(pid)
+func (s *server) rssBytes() (int64, error) { return sumOverTree(s.cmd.Process.Pid, procRSSBytes) }
+
+// sumOverTree adds up one figure of pid and every descendant of it.
+func sumOverTree[T int64 | float64](pid int, figure func(int) (T, error)) (T, error) {
+	var total T
+	for _, p := range processTree(pid) {
+		v, err := figure(p)
 		if err != nil {
 			return 0, err
 		}
-		total += rss
+		total += v
 	}
 	return total, nil
 }

@@ -24,20 +24,7 @@ const meshConvergeTimeout = 30 * time.Second
 // clients: what reaches one member is forwarded to the other, and PeerGone
 // crosses the mesh when a client leaves.
 func TestMixedMesh(t *testing.T) {
-	meshKeyFile, meshKey := writeMeshKey(t)
-	relayCert, derperCert := newTestCert(t), newTestCert(t)
-	ca := writeCABundle(t, relayCert, derperCert)
-	relayAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t, "tcp")))
-	derperPort := freePort(t, "tcp")
-	derperAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(derperPort))
-	members := []string{relayAddr, derperAddr}
-
-	relay := startRelay(t, "ours", relayOptions{
-		Addr: relayAddr, Cert: relayCert, MeshKeyFile: meshKeyFile, MeshWith: members, MeshCAFile: ca,
-	})
-	derper := startDerper(t, "derper", derperOptions{
-		Port: derperPort, Cert: derperCert, MeshKeyFile: meshKeyFile, MeshWith: members, CAFile: ca,
-	})
+	relay, derper, meshKey := startMixedMesh(t, 0)
 	relayKey, _ := relay.PublicKey()
 	ctx := testContext(t, 120*time.Second)
 
@@ -92,6 +79,26 @@ func TestMixedMesh(t *testing.T) {
 	onRelay.Close()
 	rA.next(ctx, "PeerGone of our client via the mesh", peerGone(rKey, derp.PeerGoneReasonDisconnected))
 	wRelay.waitGone(t, ctx, rKey)
+}
+
+// startMixedMesh starts our relay (with --workers workers; 0: its default)
+// and derper, meshed with one key, each listing both (as fleets do).
+func startMixedMesh(t *testing.T, workers int) (*relayProc, *derperProc, key.DERPMesh) {
+	meshKeyFile, meshKey := writeMeshKey(t)
+	relayCert, derperCert := newTestCert(t), newTestCert(t)
+	ca := writeCABundle(t, relayCert, derperCert)
+	relayAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t, "tcp")))
+	derperPort := freePort(t, "tcp")
+	derperAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(derperPort))
+	members := []string{relayAddr, derperAddr}
+	relay := startRelay(t, "ours", relayOptions{
+		Addr: relayAddr, Cert: relayCert, MeshKeyFile: meshKeyFile, MeshWith: members, MeshCAFile: ca,
+		Workers: workers,
+	})
+	derper := startDerper(t, "derper", derperOptions{
+		Port: derperPort, Cert: derperCert, MeshKeyFile: meshKeyFile, MeshWith: members, CAFile: ca,
+	})
+	return relay, derper, meshKey
 }
 
 // sendUntilDelivered resends a small packet until dst receives one, for the

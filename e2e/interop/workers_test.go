@@ -2,8 +2,6 @@ package interop
 
 import (
 	"fmt"
-	"net"
-	"strconv"
 	"testing"
 	"time"
 
@@ -20,20 +18,7 @@ const workerClients = 12
 // the kernel gave each one, derper's mesh link (which lands on one worker)
 // learns every worker's clients, and packets cross the mesh both ways.
 func TestWorkersAreOneRelay(t *testing.T) {
-	meshKeyFile, meshKey := writeMeshKey(t)
-	relayCert, derperCert := newTestCert(t), newTestCert(t)
-	ca := writeCABundle(t, relayCert, derperCert)
-	relayAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(freePort(t, "tcp")))
-	derperPort := freePort(t, "tcp")
-	derperAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(derperPort))
-	members := []string{relayAddr, derperAddr}
-
-	relay := startRelay(t, "ours", relayOptions{
-		Addr: relayAddr, Cert: relayCert, MeshKeyFile: meshKeyFile, MeshWith: members, MeshCAFile: ca, Workers: 2,
-	})
-	derper := startDerper(t, "derper", derperOptions{
-		Port: derperPort, Cert: derperCert, MeshKeyFile: meshKeyFile, MeshWith: members, CAFile: ca,
-	})
+	relay, derper, meshKey := startMixedMesh(t, 2)
 	ctx := testContext(t, 120*time.Second)
 	relayKey, _ := relay.PublicKey()
 	// derper's watcher sees our relay's mesh links: one per worker, one key.

@@ -159,6 +159,18 @@ async def new_client(relay: RelayProcess, **kwargs: Any) -> tuple[DerpClient, No
 RECV_TIMEOUT = 10.0
 
 
+async def exchange_every_size(a: DerpClient, key_a: bytes, b: DerpClient, key_b: bytes) -> None:
+    """A packet of each size from a to b and back (reversed), each checked on arrival."""
+    for size in (1, 1200, f.MAX_PACKET_SIZE):
+        payload = bytes([size % 251]) * size
+        await a.send(key_b, payload)
+        got = await asyncio.wait_for(b.recv_packet(), RECV_TIMEOUT)
+        assert (got.source, got.packet) == (key_a, payload)
+        await b.send(key_a, payload[::-1])
+        back = await asyncio.wait_for(a.recv_packet(), RECV_TIMEOUT)
+        assert (back.source, back.packet) == (key_b, payload[::-1])
+
+
 def fetch(
     relay: RelayProcess, path: str, headers: dict[str, str] | None = None, timeout: float = 10
 ) -> tuple[int, dict[str, str], bytes]:

@@ -10,7 +10,7 @@ import pytest
 from derprelay import frames as f
 from derprelay.client import DerpClientError, Endpoint, connect
 from derprelay.keys import MeshKey, NodePrivateKey
-from relayharness import RECV_TIMEOUT, RelayProcess, metric, new_client, recv_matching
+from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, metric, new_client, recv_matching
 
 
 def endpoint_variant(relay: RelayProcess, transport: str) -> tuple[Endpoint, bool]:
@@ -29,14 +29,7 @@ async def test_two_clients_exchange_packets_of_every_size(relay: RelayProcess, t
     ):
         assert a.server_public_key == relay.public_key
         assert a.server_info.version == f.PROTOCOL_VERSION
-        for size in (1, 1200, f.MAX_PACKET_SIZE):
-            payload = bytes([size % 251]) * size
-            await a.send(key_b.public, payload)
-            got = await asyncio.wait_for(b.recv_packet(), RECV_TIMEOUT)
-            assert (got.source, got.packet) == (key_a.public, payload)
-            await b.send(key_a.public, payload[::-1])
-            back = await asyncio.wait_for(a.recv_packet(), RECV_TIMEOUT)
-            assert (back.source, back.packet) == (key_b.public, payload[::-1])
+        await exchange_every_size(a, key_a.public, b, key_b.public)
     assert metric(relay, "derp_packets_sent_total") >= 6
 
 

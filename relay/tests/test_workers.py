@@ -17,7 +17,7 @@ import pytest
 from derprelay import frames as f
 from derprelay.client import DerpClient, DerpClientError, connect
 from derprelay.keys import MeshKey, NodePrivateKey
-from relayharness import RECV_TIMEOUT, RelayProcess, metric, recv_matching, wait_for
+from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, metric, recv_matching, wait_for
 
 WORKERS = 2
 CLIENTS = 16
@@ -88,14 +88,7 @@ async def test_clients_on_different_workers_reach_each_other_and_metrics_add_up(
         assert worker_counts(workers) == [len(clients.on[i]) for i in range(WORKERS)]
         pairs = list(zip(clients.on[0], clients.on[1], strict=False))
         for (a, key_a), (b, key_b) in pairs:
-            for size in (1, 1200, f.MAX_PACKET_SIZE):
-                payload = os.urandom(size)
-                await a.send(key_b.public, payload)
-                got = await asyncio.wait_for(b.recv_packet(), RECV_TIMEOUT)
-                assert (got.source, got.packet) == (key_a.public, payload)
-                await b.send(key_a.public, payload[::-1])
-                back = await asyncio.wait_for(a.recv_packet(), RECV_TIMEOUT)
-                assert (back.source, back.packet) == (key_b.public, payload[::-1])
+            await exchange_every_size(a, key_a.public, b, key_b.public)
         sent = 6 * len(pairs)
         assert metric(workers, "derp_packets_to_workers_total") == sent
         assert metric(workers, "derp_packets_from_workers_total") == sent
