@@ -81,9 +81,10 @@ def owned_versions(kubectl: Kubectl) -> dict[str, str]:
     return versions
 
 
-def relay_pid(node_ip: str, port: int = 443) -> int:
-    """The pod runner's relay process serving ``node_ip:port`` (found by its command line)."""
+def relay_pids(node_ip: str, port: int = 443) -> list[int]:
+    """The pod runner's relay processes serving ``node_ip:port``: the parent and its workers (same command line)."""
     wanted = f"{node_ip}:{port}".encode()
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -92,8 +93,10 @@ def relay_pid(node_ip: str, port: int = 443) -> int:
         except OSError:
             continue
         if any(a.endswith(b"derp-relay") for a in argv[:2]) and wanted in argv:
-            return int(entry.name)
-    raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
+            found.append(int(entry.name))
+    if not found:
+        raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
+    return found
 
 
 def tls_secret(name: str, host: str) -> dict[str, Any]:
@@ -330,15 +333,17 @@ def test_a_new_image_rolls_every_relay(kubectl: Kubectl) -> None:
 def test_a_frozen_relay_leaves_the_map_and_returns_when_healthy(kubectl: Kubectl) -> None:
     wait_until("three relays in the map", lambda: len(region_nodes(kubectl.derp_map(), 901)) == 3)
     victim_ip = region_nodes(kubectl.derp_map(), 901)["901b"]
-    pid = relay_pid(victim_ip)
-    os.kill(pid, signal.SIGSTOP)
+    pids = relay_pids(victim_ip)  # every worker, or one of them would go on serving
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         wait_until("901b out of the map", lambda: "901b" not in region_nodes(kubectl.derp_map(), 901))
         node = next(n for n in kubectl.region()["status"]["nodes"] if n["name"] == "901b")
         assert node["ready"] is False and node["message"], node
         assert region_nodes(kubectl.derp_map(), 901).keys() == {"901a", "901c"}
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     wait_until("901b back in the map", lambda: "901b" in region_nodes(kubectl.derp_map(), 901))
 
 
