@@ -179,10 +179,8 @@ class WorkerHub:
         else:
             waiting = self._stats_waiting.get(message.request_id)
             if waiting is not None:
-                done, replies = waiting
-                replies[link.peer] = message.exposition
-                if len(replies) == len(self._links) and not done.done():
-                    done.set_result(None)
+                waiting[1][link.peer] = message.exposition
+                self._stats_answered(waiting)
 
     def link_lost(self, peer: int) -> None:
         self._links.pop(peer, None)
@@ -191,6 +189,14 @@ class WorkerHub:
         self._server.worker_lost(peer)
         for request_id in list(self._syncs):
             self._sync_answered(request_id, peer)
+        for waiting in self._stats_waiting.values():
+            self._stats_answered(waiting)
+
+    def _stats_answered(self, waiting: tuple[asyncio.Future[None], dict[int, bytes]]) -> None:
+        """Finish a scrape once every worker still linked has answered."""
+        done, replies = waiting
+        if set(self._links) <= set(replies) and not done.done():
+            done.set_result(None)
 
     # --- metrics ---------------------------------------------------------------------------
 
