@@ -30,7 +30,7 @@ from . import certs, frames, metrics, supervisor
 from .admission import url_admission
 from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
-from .http import HttpSite, start_listener
+from .http import HomePage, HttpSite, start_listener
 from .keys import KeyFormatError, MeshKey, NodePrivateKey, public_key_text
 from .mesh import Mesh, MeshConfigError, parse_mesh_with
 from .ratelimit import TokenBucket
@@ -106,9 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-client-url-fail-open",
         type=_parse_bool,
-        default=True,
+        default=False,
         metavar="BOOL",
-        help="admit clients when the admission endpoint is unreachable (default true, as derper)",
+        help="admit clients when the admission endpoint is unreachable (default false: unlike derper, "
+        "an outage of the endpoint does not open the relay to everyone)",
+    )
+    p.add_argument(
+        "--home",
+        default="",
+        metavar="blank|URL",
+        help="what / serves: empty for the default page, 'blank' for an empty one (scanners find open "
+        "relays by their home page), or a URL to redirect to",
     )
     p.add_argument(
         "--accept-connection-limit", type=float, default=math.inf, help="new connections per second"
@@ -233,6 +241,7 @@ class Settings:
     stun_port: int | None
     tls: certs.CertMaterial | None
     private_key: NodePrivateKey
+    home: HomePage
     args: argparse.Namespace
 
 
@@ -270,6 +279,10 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1")
+    try:
+        home = HomePage.from_flag(args.home)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(
         host=host,
         port=port,
@@ -277,6 +290,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         stun_port=args.stun_port if args.stun else None,
         tls=tls,
         private_key=private_key,
+        home=home,
         args=args,
     )
 
@@ -451,6 +465,7 @@ class Relay:
             debug=self.debug,
             bootstrap_dns=lambda: _bootstrap_dns(names),
             accept_limit=accept_limit,
+            home=s.home,
         )
         worker = self.worker
         if self.hub is not None and worker is not None:

@@ -62,6 +62,33 @@ Tailscale and Headscale clients that cannot reach each other directly.</p>
 ROBOTS = b"User-agent: *\nDisallow: /\n"
 
 
+@dataclass(frozen=True, slots=True)
+class HomePage:
+    """What ``/`` answers (derper's ``-home``): the default page, a blank one, or a redirect.
+
+    A blank page keeps a relay from being found by scanners that look for the
+    DERP home page; clients never ask for ``/``.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @classmethod
+    def from_flag(cls, home: str) -> HomePage:
+        """``""`` (the default page), ``"blank"``, or an http(s) URL to redirect to."""
+        if home == "":
+            return cls(200, (("Content-Type", "text/html; charset=utf-8"),), HOME_PAGE)
+        if home == "blank":
+            return cls(200, (("Content-Type", "text/html; charset=utf-8"),), b"")
+        if home.startswith(("http://", "https://")) and not any(c in home for c in "\r\n "):
+            return cls(302, (("Location", home),), b"")
+        raise ValueError(f"--home must be empty, 'blank' or an http(s) URL to redirect to, not {home!r}")
+
+
+DEFAULT_HOME = HomePage.from_flag("")
+
+
 @dataclass(slots=True)
 class HttpSite:
     """Everything the HTTP layer serves besides the DERP server itself."""
@@ -71,6 +98,7 @@ class HttpSite:
     """``/debug/`` and ``/metrics``; None answers 404 there."""
     bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
     accept_limit: TokenBucket | None = None
+    home: HomePage = DEFAULT_HOME
     stats: RelayStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -249,7 +277,8 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._reply(request, 204, _no_content_headers(request.header(CHALLENGE_HEADER)), b"")
         elif path == "/":
             stats.http_requests["home"] += 1
-            self._reply(request, 200, [("Content-Type", "text/html; charset=utf-8")], HOME_PAGE)
+            home = self._site.home
+            self._reply(request, home.status, list(home.headers), home.body)
         elif path == "/robots.txt":
             stats.http_requests["robots"] += 1
             self._reply(request, 200, [("Content-Type", "text/plain")], ROBOTS)

@@ -34,6 +34,25 @@ def test_plain_endpoints(relay: RelayProcess) -> None:
     assert fetch(relay, "/nope")[0] == 404
 
 
+@pytest.mark.parametrize(
+    ("home", "status", "location", "body"),
+    [("blank", 200, None, b""), ("https://127.0.0.1/about", 302, "https://127.0.0.1/about", b"")],
+)
+def test_home_flag_serves_a_blank_page_or_a_redirect(
+    relay_factory: Callable[..., RelayProcess], home: str, status: int, location: str | None, body: bytes
+) -> None:
+    relay = relay_factory("--home", home)
+    got_status, headers, got_body = fetch(relay, "/")
+    assert (got_status, headers.get("Location"), got_body) == (status, location, body)
+    assert fetch(relay, "/derp/probe")[0] == 200  # only / changes
+
+
+@pytest.mark.parametrize("home", ["ftp://127.0.0.1/", "elsewhere", "https://x/\r\nSet-Cookie: a=b"])
+def test_a_bad_home_is_refused_at_start(relay_factory: Callable[..., RelayProcess], home: str) -> None:
+    with pytest.raises(RuntimeError, match="--home must be empty, 'blank' or an http"):
+        relay_factory("--home", home)
+
+
 def test_status_file_pins_the_served_certificate(relay: RelayProcess) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -99,13 +118,19 @@ async def test_admission_allows_and_refuses(
     assert metric(relay, "derp_connections_closed_total", 'reason="not_admitted"') == 1
 
 
-@pytest.mark.parametrize(("fail_open", "admitted"), [("true", True), ("false", False)])
+@pytest.mark.parametrize(
+    ("fail_open", "admitted"),
+    [
+        (["--verify-client-url-fail-open=true"], True),
+        (["--verify-client-url-fail-open=false"], False),
+        ([], False),
+    ],
+    ids=["fail-open", "fail-closed", "default-fail-closed"],
+)
 async def test_unreachable_admission_endpoint(
-    relay_factory: Callable[..., RelayProcess], fail_open: str, admitted: bool
+    relay_factory: Callable[..., RelayProcess], fail_open: list[str], admitted: bool
 ) -> None:
-    relay = relay_factory(
-        "--verify-client-url", "http://127.0.0.1:9/verify", f"--verify-client-url-fail-open={fail_open}"
-    )
+    relay = relay_factory("--verify-client-url", "http://127.0.0.1:9/verify", *fail_open)
     key = NodePrivateKey.generate()
     if admitted:
         async with await connect(relay.endpoint, key) as client:
