@@ -56,6 +56,9 @@ HOSTNAME_PLACEHOLDERS = ("{ordinal}", "{index}", "{letter}")
 
 HOSTNAME_TEMPLATE_PATTERN = r"^[a-z0-9.{}-]+$"
 MAX_HOSTNAME_LENGTH = 253
+HOME_PAGE_PATTERN = r"^(blank|https?://\S+)?$"
+"""What the relays' ``/`` serves (derp-relay --home): the default page, ``blank``, or a redirect URL."""
+MAX_HOME_PAGE_LENGTH = 2048
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 MAX_REGION_NAME_LENGTH = 128
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?([.][a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
@@ -129,6 +132,7 @@ class DerpRegionSpec:
     resources: Mapping[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
     derp_map: DerpMapSpec = DerpMapSpec()
     publish_unhealthy: bool = False
+    home_page: str = ""
 
     @property
     def display_name(self) -> str:
@@ -403,6 +407,7 @@ def parse_region_spec(spec: object, path: str = "spec") -> DerpRegionSpec:
         resources=f.json_object("resources", DEFAULT_RESOURCES),
         derp_map=_parse_derp_map(f.child("derpMap")),
         publish_unhealthy=f.boolean("publishUnhealthy", False),
+        home_page=f.string("homePage", "", pattern=HOME_PAGE_PATTERN, max_length=MAX_HOME_PAGE_LENGTH) or "",
     )
     f.reject_unknown()
     if problems:

@@ -225,6 +225,8 @@ def relay_args(ref: RegionRef, spec: DerpRegionSpec) -> list[str]:
             spec.verify_clients.url,
             f"--verify-client-url-fail-open={str(spec.verify_clients.fail_open).lower()}",
         ]
+    if spec.home_page:
+        args += ["--home", spec.home_page]
     if ref.relay_debug_allow:
         args += ["--debug-allow", ref.relay_debug_allow]
     return args

@@ -238,6 +238,10 @@ def test_limits_match_the_model(spec_schema: Schema) -> None:
     assert p["tls"]["properties"]["mode"]["enum"] == [m.value for m in model.TlsMode]
     assert p["stunPort"]["minimum"] == model.STUN_OFF
     assert p["regionName"]["maxLength"] == model.MAX_REGION_NAME_LENGTH
+    assert (p["homePage"]["pattern"], p["homePage"]["maxLength"]) == (
+        model.HOME_PAGE_PATTERN,
+        model.MAX_HOME_PAGE_LENGTH,
+    )
     secret_name = p["tls"]["properties"]["secretName"]
     assert (secret_name["pattern"], secret_name["maxLength"]) == (
         model.SECRET_NAME_PATTERN,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import pytest
 from derpoperator.credentials import generate_mesh_key, generate_region_certificate
-from derpoperator.model import RegionRef
+from derpoperator.model import HOME_PAGE_PATTERN, RegionRef
 from derpoperator.render import (
     certificate_dns_names,
     owner_reference,
@@ -22,6 +23,7 @@ from derpoperator.render import (
     render_tls_secret,
 )
 from derprelay.cli import build_parser as relay_parser
+from derprelay.http import HomePage
 from derprelay.mesh import MeshPeer, parse_mesh_with
 from fleetfixtures import spec_of
 
@@ -362,3 +364,19 @@ def test_relay_workers_follow_the_cpu_limit(
     at = args.index("--workers") if "--workers" in args else len(args)
     assert args[at : at + 2] == workers
     assert relay_parser().parse_args(args).workers == (int(workers[1]) if workers else None)
+
+
+@pytest.mark.parametrize(
+    "home", ["", "blank", "https://derp.example.com/", "http://127.0.0.1/x", "ftp://x", "x y"]
+)
+def test_home_page_is_what_the_relay_accepts(ref: RegionRef, home: str) -> None:
+    """The CRD's homePage pattern (mirrored in the model) admits exactly what derp-relay --home takes."""
+    try:
+        HomePage.from_flag(home)
+        relay_takes = True
+    except ValueError:
+        relay_takes = False
+    assert (re.fullmatch(HOME_PAGE_PATTERN, home) is not None) == relay_takes
+    if relay_takes:
+        args = relay_parser().parse_args(relay_args(ref, spec_of(homePage=home)))
+        assert args.home == home

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -81,7 +82,7 @@ class HomePage:
             return cls(200, (("Content-Type", "text/html; charset=utf-8"),), HOME_PAGE)
         if home == "blank":
             return cls(200, (("Content-Type", "text/html; charset=utf-8"),), b"")
-        if home.startswith(("http://", "https://")) and not any(c in home for c in "\r\n "):
+        if re.fullmatch(r"https?://\S+", home):
             return cls(302, (("Location", home),), b"")
         raise ValueError(f"--home must be empty, 'blank' or an http(s) URL to redirect to, not {home!r}")
 
