@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
+.PHONY: setup demo relay-demo test lint unit interop e2e node-packages cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -78,17 +78,21 @@ bundle: cluster-build chart-crds
 CLUSTER_ENV := PYTHONPATH=e2e/cluster CACHE="$(CACHE)" PATH="$(BIN):$$PATH"
 CLUSTER := $(CLUSTER_ENV) $(BIN)/python -m derpcluster
 
-## cluster-build: build (once, cached in $(CACHE)) Kubernetes, etcd and helm for the local cluster
-cluster-build: setup
+## node-packages: Debian's containerd, runc, CNI plugins, iptables, buildah, debootstrap (once; skipped when present)
+node-packages:
+	e2e/cluster/install-node-packages
+
+## cluster-build: build (once, cached in $(CACHE)) Kubernetes, its kubelet, etcd and helm for the local cluster
+cluster-build: setup node-packages
 	$(CLUSTER) build
 
 ## tailnet-build: build (once, cached in $(CACHE)) Headscale, tailscale and tailscaled for the tailnet test
 tailnet-build: setup
 	$(CLUSTER_ENV) $(BIN)/python -m derpcluster.tailnet_binaries
 
-## cluster-up: a local Kubernetes on loopback (control plane + 3 fake nodes), left running
+## cluster-up: a local Kubernetes on loopback (control plane + 3 fake nodes; REAL_NODE=1 adds a real kubelet node), left running
 cluster-up: cluster-build
-	$(CLUSTER) up
+	$(CLUSTER) up $(if $(REAL_NODE),--real-node)
 
 ## cluster-down: stop what cluster-up started
 cluster-down: setup

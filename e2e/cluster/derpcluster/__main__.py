@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .binaries import BuildError, cache_dir, ensure
+from . import images
+from .binaries import BuildError, cache_dir, ensure, ensure_kubelet, ensure_node_programs
 from .cluster import down, up
 from .controlplane import PROCESSES_FILE, ClusterError
 
@@ -15,6 +16,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="derpcluster", description="A local Kubernetes on loopback.")
     parser.add_argument("command", choices=["build", "up", "down"], help="build: only the cached binaries")
     parser.add_argument(
+        "--real-node", action="store_true", help="up: add a real kubelet node (root; containerd, runc, CNI)"
+    )
+    parser.add_argument(
         "--state-dir", type=Path, default=cache_dir() / "cluster", help="default: $CACHE/cluster"
     )
     args = parser.parse_args()
@@ -22,11 +26,16 @@ def main() -> int:
     if args.command == "build":
         try:
             built = ensure()
+            ensure_kubelet()
+            ensure_node_programs()
+            for image in (images.RELAY, images.OPERATOR):
+                images.build(image)
         except BuildError as exc:
             print(f"derpcluster: {exc}", file=sys.stderr)
             return 1
         print(
-            f">> Kubernetes {built.k8s_version}, etcd {built.etcd_version}, helm {built.helm_version} ready"
+            f">> Kubernetes {built.k8s_version} (and its kubelet), etcd {built.etcd_version}, "
+            f"helm {built.helm_version}, the relay and operator images ready"
         )
         return 0
     if args.command == "down":
@@ -36,7 +45,7 @@ def main() -> int:
     if (state / PROCESSES_FILE).exists():
         down(state)  # a cluster left from before: never two on one state directory
     try:
-        cluster = up(state)
+        cluster = up(state, real_node=args.real_node)
     except (BuildError, ClusterError) as exc:
         print(f"derpcluster: {exc}", file=sys.stderr)
         return 1

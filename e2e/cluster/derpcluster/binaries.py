@@ -9,6 +9,7 @@ and how long it took; a failed build says which module and shows Go's output.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 MODULES = Path(__file__).resolve().parents[1]
 """e2e/cluster: the Go modules that pin each program."""
 K8S_PROGRAMS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+NODE_PROGRAMS = ("pause", "echoserver")
+"""e2e/cluster/images: static programs the real node's images are made of."""
 
 
 class BuildError(RuntimeError):
@@ -59,6 +62,7 @@ def _build(
     renames: dict[str, str] | None = None,
     ldflags: str = "",
     tags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> None:
     if shutil.which("go") is None:
         raise BuildError("building the test cluster needs the Go toolchain (go on PATH); none found")
@@ -71,7 +75,7 @@ def _build(
     process = subprocess.Popen(
         ["go", "build", *flags, "-o", f"{partial}/", *packages],
         cwd=module_dir,
-        env=go_env(cache_dir()),
+        env={**go_env(cache_dir()), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -143,3 +147,59 @@ def ensure(cache: Path | None = None) -> Binaries:
             ldflags=f"-X helm.sh/helm/v3/internal/version.version={helm_version}",
         )
     return Binaries(k8s_version, k8s_dir, etcd_version, etcd_dir / "etcd", helm_version, helm_dir / "helm")
+
+
+def release_ldflags(version: str) -> str:
+    """What Kubernetes' release build stamps in, so the kubelet reports its version to the API server."""
+    major, minor = version.removeprefix("v").split(".")[:2]
+    return " ".join(
+        f"-X {package}.{name}={value}"
+        for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+        for name, value in (
+            ("gitVersion", version),
+            ("gitMajor", major),
+            ("gitMinor", minor),
+            ("gitTreeState", "clean"),
+        )
+    )
+
+
+def ensure_kubelet(cache: Path | None = None) -> Path:
+    """The kubelet of the real test node, from the same k8s.io/kubernetes module as the control plane.
+
+    It has a cache directory of its own, so adding it never rebuilds the control plane's.
+    """
+    cache = cache or cache_dir()
+    version = pinned_version(MODULES / "k8s", "k8s.io/kubernetes")
+    kubelet_dir = cache / f"kubelet-{version}"
+    if not (kubelet_dir / "kubelet").exists():
+        _build(
+            MODULES / "k8s",
+            ["k8s.io/kubernetes/cmd/kubelet"],
+            kubelet_dir,
+            f"kubelet {version}",
+            expected="about 2 minutes after the control plane",
+            ldflags=release_ldflags(version),
+        )
+    return kubelet_dir / "kubelet"
+
+
+def ensure_node_programs(cache: Path | None = None) -> Path:
+    """The real node's own programs (``pause``, ``echoserver``), static, cached by their source's hash."""
+    cache = cache or cache_dir()
+    module = MODULES / "images"
+    digest = hashlib.sha256()
+    for source in sorted(module.rglob("*")):
+        if source.is_file():
+            digest.update(f"{source.relative_to(module)}\0".encode() + source.read_bytes())
+    out_dir = cache / f"node-programs-{digest.hexdigest()[:16]}"
+    if not all((out_dir / p).exists() for p in NODE_PROGRAMS):
+        _build(
+            module,
+            [f"./{p}" for p in NODE_PROGRAMS],
+            out_dir,
+            "the test node's programs (pause, echoserver)",
+            expected="seconds",
+            env={"CGO_ENABLED": "0"},
+        )
+    return out_dir

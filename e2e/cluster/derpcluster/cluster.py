@@ -6,11 +6,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import binaries as binaries_module
+from . import realnode
 from .controlplane import Cluster, ClusterError, launch, start, stop, stop_state_dir
+from .images import Image
+from .images import build as build_image
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NODES = {"node-a": "127.0.0.11", "node-b": "127.0.0.12", "node-c": "127.0.0.13"}
@@ -59,47 +63,66 @@ class LocalCluster(Cluster):
         return self.state_dir / "agent" / "pods"
 
 
-def up(state_dir: Path, nodes: dict[str, str] | None = None, progress: bool = True) -> LocalCluster:
-    """Build (if needed) and start everything; wait until every node is Ready."""
-    nodes = nodes or DEFAULT_NODES
+def up(
+    state_dir: Path,
+    nodes: dict[str, str] | None = None,
+    progress: bool = True,
+    real_node: bool = False,
+    images: Sequence[Image] = (),
+) -> LocalCluster:
+    """Build (if needed) and start everything; wait until every node is Ready.
+
+    ``nodes`` are the node agent's (default :data:`DEFAULT_NODES`; ``{}``: no
+    agent); ``real_node`` adds :mod:`realnode`'s kubelet node as well, with
+    ``images`` (built from their Dockerfiles, cached) in its containerd.
+    """
+    nodes = DEFAULT_NODES if nodes is None else nodes
     built = binaries_module.ensure()
     started = time.monotonic()
     control = start(state_dir, built, progress)
+    addresses = {**nodes, **({realnode.NODE_NAME: realnode.NODE_IP} if real_node else {})}
     cluster = LocalCluster(
-        control.state_dir, control.server, control.kubeconfig, built, control.processes, dict(nodes)
+        control.state_dir, control.server, control.kubeconfig, built, control.processes, addresses
     )
     try:
-        agent_state = state_dir / "agent"
-        agent_state.mkdir(exist_ok=True)
-        launch(
-            cluster,
-            "node-agent",
-            [
-                sys.executable,
-                "-m",
-                "derpcluster.agent",
-                "--kubeconfig",
-                str(cluster.kubeconfig),
-                "--state-dir",
-                str(agent_state),
-                *(f"--node={name}={ip}" for name, ip in nodes.items()),
-            ],
-            # The agent imports this package; tests and make find it by path, not by install.
-            env={
-                **cluster.env(),
-                "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
-            },
-        )
-        _wait_for_nodes(cluster, list(nodes))
+        if nodes:
+            _start_agent(cluster, nodes)
+        if real_node:
+            realnode.start(cluster, progress, [build_image(image) for image in images])
     except BaseException:
-        stop(cluster)
+        down(cluster)
         raise
     if progress:
         print(
-            f">> {len(nodes)} nodes ready ({', '.join(f'{n}={ip}' for n, ip in nodes.items())}); "
+            f">> {len(addresses)} nodes ready ({', '.join(f'{n}={ip}' for n, ip in addresses.items())}); "
             f"cluster up in {time.monotonic() - started:.1f}s"
         )
     return cluster
+
+
+def _start_agent(cluster: LocalCluster, nodes: dict[str, str]) -> None:
+    agent_state = cluster.state_dir / "agent"
+    agent_state.mkdir(exist_ok=True)
+    launch(
+        cluster,
+        "node-agent",
+        [
+            sys.executable,
+            "-m",
+            "derpcluster.agent",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "--state-dir",
+            str(agent_state),
+            *(f"--node={name}={ip}" for name, ip in nodes.items()),
+        ],
+        # The agent imports this package; tests and make find it by path, not by install.
+        env={
+            **cluster.env(),
+            "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    _wait_for_nodes(cluster, list(nodes))
 
 
 def _wait_for_nodes(cluster: LocalCluster, names: list[str]) -> None:
@@ -122,8 +145,10 @@ def _wait_for_nodes(cluster: LocalCluster, names: list[str]) -> None:
 
 
 def down(cluster: Cluster | Path) -> None:
-    """Stop a cluster object, or the one recorded in a state directory."""
+    """Stop a cluster object, or the one recorded in a state directory; a real node's leftovers go too."""
     if isinstance(cluster, Path):
-        stop_state_dir(cluster)
+        state = cluster
+        stop_state_dir(state, before=lambda processes: realnode.stop(state, processes))
     else:
+        realnode.stop(cluster.state_dir, cluster.processes)
         stop(cluster)

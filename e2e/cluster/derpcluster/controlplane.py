@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,16 +44,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_kubeconfig(path: Path, server: str, ca_pem: bytes, user: pki.Issued, name: str) -> Path:
+def write_kubeconfig(
+    path: Path, server: str, ca_pem: bytes, user: pki.Issued, name: str, *, tls_server_name: str = ""
+) -> Path:
+    """``tls_server_name``: the name to check the server's certificate for, when ``server`` is not in it."""
+
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
+
+    cluster: dict[str, str] = {"server": server, "certificate-authority-data": b64(ca_pem)}
+    if tls_server_name:
+        cluster["tls-server-name"] = tls_server_name
 
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "derpcluster", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}
-        ],
+        "clusters": [{"name": "derpcluster", "cluster": cluster}],
         "users": [
             {
                 "name": name,
@@ -181,6 +187,10 @@ def start(state_dir: Path, binaries: Binaries, progress: bool = True) -> Cluster
         server=True,
     ).write(pki_dir, "apiserver")
     sa_key, sa_pub = pki.service_account_keys(pki_dir)
+    # How the API server authenticates to a real kubelet (logs, exec); fake nodes have no kubelet to reach.
+    kubelet_client_cert, kubelet_client_key = ca.issue(
+        "kube-apiserver-kubelet-client", groups=("system:masters",)
+    ).write(pki_dir, "apiserver-kubelet-client")
 
     api_port, etcd_port, peer_port = free_port(), free_port(), free_port()
     server = f"https://{HOST}:{api_port}"
@@ -254,6 +264,13 @@ def start(state_dir: Path, binaries: Binaries, progress: bool = True) -> Cluster
                 str(serving_key),
                 "--client-ca-file",
                 str(pki_dir / "ca.crt"),
+                "--kubelet-client-certificate",
+                str(kubelet_client_cert),
+                "--kubelet-client-key",
+                str(kubelet_client_key),
+                # By address: a node's Hostname (its name) resolves nowhere here.
+                "--kubelet-preferred-address-types",
+                "InternalIP,ExternalIP",
                 "--service-account-issuer",
                 "https://kubernetes.default.svc.cluster.local",
                 "--service-account-key-file",
@@ -378,8 +395,11 @@ def stop(cluster: Cluster) -> None:
     cluster.save()
 
 
-def stop_state_dir(state_dir: Path) -> bool:
-    """Stop a cluster started by another process (``make cluster-down``); False if none was recorded."""
+def stop_state_dir(state_dir: Path, before: Callable[[dict[str, int]], None] | None = None) -> bool:
+    """Stop a cluster started by another process (``make cluster-down``); False if none was recorded.
+
+    ``before`` gets the processes first and may stop (and pop) some of them its own way.
+    """
     record_path = state_dir / PROCESSES_FILE
     if not record_path.exists():
         return False
@@ -388,6 +408,8 @@ def stop_state_dir(state_dir: Path) -> bool:
     ours = {
         name: int(pid) for name, pid in record.get("processes", {}).items() if _names(int(pid), state_dir)
     }
+    if before is not None:
+        before(ours)
     stop_processes(ours)
     record["processes"] = {}
     record_path.write_text(json.dumps(record, indent=2))

@@ -59,8 +59,25 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        self.cert_pem = self._cert.public_bytes(serialization.Encoding.PEM)
-        self.key_pem = _pem_key(self._key)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        """The cluster's CA as the control plane wrote it (``ca.crt``, ``ca.key``), to issue more identities."""
+        ca = cls.__new__(cls)
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{directory / 'ca.key'} is not the cluster's ECDSA CA key")
+        ca._key = key
+        ca._cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        return ca
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return _pem_key(self._key)
 
     def issue(
         self,

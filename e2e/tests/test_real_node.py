@@ -1,0 +1,301 @@
+"""The real node: a kubelet with containerd, runc and CNI, registered with the real control plane.
+
+Its own cluster (no fake nodes), started for this module: the node is
+Ready with a stamped kubelet version; a pod runs in a container from an
+image built here, under the securityContext it asks for, with a ConfigMap
+the kubelet mounts and updates; its hostPort is reached from the host at the
+node's address, and the pod sees the client's own address (no masquerade);
+loopback ports of this machine are not captured; ``kubectl logs`` goes
+through the kubelet.  Stopping the cluster leaves nothing behind: no
+process, cgroup, mount, namespace, link, iptables chain, CNI state,
+/run/containerd or /var/log/pods; ip_forward and the kernel settings the
+kubelet changes as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import pids_naming, wait_until
+from derpcluster import LocalCluster, down, images, realnode, up
+from derprelay import stun
+from derprelay.certs import generate_self_signed
+from derprelay.client import Endpoint, connect
+from derprelay.keys import NodePrivateKey
+
+HOST_PORT = 18080
+"""Bound by portmap in the node's namespace only; the test also listens on it at 127.0.0.1."""
+pytestmark = pytest.mark.timeout(300)
+
+
+def host_state(state_dir: Path) -> dict[str, Any]:
+    """What of the machine the node could touch, as far as it is the node's business."""
+    chains = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    mounts = Path("/proc/self/mountinfo").read_text()
+    return {
+        "iptables chains": sorted(
+            line.split()[0] for line in chains.splitlines() if line.startswith((":KUBE-", ":CNI-"))
+        ),
+        "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+        "kernel tunables": realnode.kernel_tunables(),
+        "netns": (realnode.RUN_NETNS / realnode.NETNS).exists(),
+        "/run/netns": realnode.RUN_NETNS.exists(),
+        "link": Path(f"/sys/class/net/{realnode.HOST_LINK}").exists(),
+        "cgroups": [str(p) for p in realnode.cgroup_roots()],
+        "mounts under the cluster": str(state_dir) in mounts,
+        "/run/containerd": realnode.RUN_CONTAINERD.exists(),
+        "/var/lib/cni": realnode.VAR_LIB_CNI.exists(),
+        "/var/log/pods": Path("/var/log/pods").exists(),
+        "processes": pids_naming(str(state_dir)),
+    }
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, dict[str, Any]]]:
+    state = tmp_path_factory.mktemp("realnode")
+    before = host_state(state)
+    cluster = up(state, nodes={}, progress=False, real_node=True, images=(images.RELAY,))
+    try:
+        yield cluster, before
+    finally:
+        down(cluster)
+
+
+def get(cluster: LocalCluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def test_the_node_registers_ready_with_its_own_address_and_versions(
+    real: tuple[LocalCluster, dict[str, Any]],
+) -> None:
+    cluster, _ = real
+    node = get(cluster, "node", realnode.NODE_NAME)
+    addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addresses["InternalIP"] == realnode.NODE_IP
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == cluster.binaries.k8s_version
+    assert info["containerRuntimeVersion"].startswith("containerd://1.")
+    assert [t["key"] for t in node["spec"].get("taints", [])] == [realnode.TAINT_KEY]
+    assert node["metadata"]["labels"][realnode.NODE_LABEL] == "real"
+
+
+def echo_pod() -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "echo", "namespace": "default"},
+            "data": {"message": "hello"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "echo", "namespace": "default"},
+            "spec": {
+                "nodeSelector": {realnode.NODE_LABEL: "real"},
+                "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+                "terminationGracePeriodSeconds": 5,
+                "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": True},
+                "containers": [
+                    {
+                        "name": "echo",
+                        "image": realnode.ECHO_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "args": ["-listen", ":8080", "-file", "/etc/echo/message"],
+                        "ports": [{"name": "http", "containerPort": 8080, "hostPort": HOST_PORT}],
+                        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+                        "securityContext": {
+                            "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [{"name": "message", "mountPath": "/etc/echo"}],
+                    }
+                ],
+                "volumes": [{"name": "message", "configMap": {"name": "echo"}}],
+            },
+        },
+    ]
+
+
+def ask_echo() -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{realnode.NODE_IP}:{HOST_PORT}/", timeout=3) as response:
+        return dict(json.loads(response.read()))
+
+
+def test_a_pod_runs_in_a_container_reached_through_its_host_port(
+    real: tuple[LocalCluster, dict[str, Any]],
+) -> None:
+    cluster, _ = real
+    # A listener of "another program" on the same port at 127.0.0.1: the node must not capture it.
+    with socket.socket() as bystander:
+        bystander.bind(("127.0.0.1", HOST_PORT))
+        bystander.listen()
+        cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in echo_pod()))
+        pod = wait_until(
+            "the echo pod Ready",
+            lambda: (
+                (p := get(cluster, "pod", "echo"))
+                and any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])
+                )
+                and p
+            ),
+            timeout=120,
+        )
+        with socket.create_connection(("127.0.0.1", HOST_PORT), timeout=3):
+            accepted, _ = bystander.accept()
+            accepted.close()
+
+    assert pod["status"]["hostIP"] == realnode.NODE_IP
+    assert pod["status"]["podIP"].startswith(realnode.POD_CIDR.rsplit(".", 2)[0] + ".")
+    reply = ask_echo()
+    assert reply["remoteAddr"].rsplit(":", 1)[0] == realnode.HOST_IP  # the client's own address
+    assert reply["uid"] == 65532
+    assert reply["hostname"] == "echo"
+    assert reply["file"] == "hello"
+
+    cluster.kubectl("patch", "configmap", "echo", "--type=merge", "-p", '{"data": {"message": "updated"}}')
+    wait_until("the kubelet to update the mounted ConfigMap", lambda: ask_echo()["file"] == "updated")
+    logs = cluster.kubectl("logs", "echo").stdout
+    assert "serving on [::]:8080" in logs
+
+    cluster.kubectl("delete", "pod", "echo", "--wait=true", "--timeout=60s")
+    with pytest.raises(OSError):
+        ask_echo()
+
+
+RELAY_HOST = "relay.derpcluster.test"
+
+
+def relay_pod(cert_secret: str) -> dict[str, Any]:
+    """derp-relay from its image, locked down as the operator runs it: uid 65532, read-only, no capabilities."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "relay", "namespace": "default"},
+        "spec": {
+            "nodeSelector": {realnode.NODE_LABEL: "real"},
+            "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 10,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
+            },
+            "containers": [
+                {
+                    "name": "relay",
+                    "image": images.RELAY.reference,
+                    "imagePullPolicy": "Never",
+                    "command": ["derp-relay"],
+                    "args": [
+                        *("-a", ":443", "--stun-port", "3478", "--hostname", RELAY_HOST),
+                        *("--certmode", "manual", "--tls-cert-file", "/etc/derp/tls/tls.crt"),
+                        *("--tls-key-file", "/etc/derp/tls/tls.key", "-c", "/var/lib/derp/derper.key"),
+                    ],
+                    "ports": [
+                        {"name": "derp", "containerPort": 443, "hostPort": 443, "protocol": "TCP"},
+                        {"name": "stun", "containerPort": 3478, "hostPort": 3478, "protocol": "UDP"},
+                    ],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/derp/probe", "port": "derp", "scheme": "HTTPS"},
+                        "periodSeconds": 1,
+                    },
+                    "securityContext": {
+                        "readOnlyRootFilesystem": True,
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "tls", "mountPath": "/etc/derp/tls", "readOnly": True},
+                        {"name": "state", "mountPath": "/var/lib/derp"},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "tls", "secret": {"secretName": cert_secret, "defaultMode": 0o440}},
+                {"name": "state", "emptyDir": {}},
+                # Python's ssl loads a certificate from a file: with a read-only root it needs a /tmp.
+                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+            ],
+        },
+    }
+
+
+def stun_binding(address: tuple[str, int]) -> tuple[stun.BindingResponse, tuple[str, int]]:
+    """One STUN binding from the host; returns the answer and the address the request left from."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.connect(address)
+        txid = stun.new_txid()
+        sock.send(stun.binding_request(txid))
+        response = stun.parse_binding_response(sock.recv(2048))
+        assert response.txid == txid
+        return response, sock.getsockname()
+
+
+async def relay_a_packet(url: str, pin: str) -> None:
+    keys = [NodePrivateKey.generate(), NodePrivateKey.generate()]
+    clients = [await connect(Endpoint(url, cert_name=pin), key) for key in keys]
+    try:
+        await clients[0].send(keys[1].public, b"through the hostPort")
+        got = await asyncio.wait_for(clients[1].recv_packet(), 5)
+        assert got.packet == b"through the hostPort"
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
+    real: tuple[LocalCluster, dict[str, Any]],
+) -> None:
+    cluster, _ = real
+    material = generate_self_signed(RELAY_HOST)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": "relay-tls", "namespace": "default"},
+        "data": {
+            "tls.crt": base64.b64encode(material.cert_pem).decode(),
+            "tls.key": base64.b64encode(material.key_pem).decode(),
+        },
+    }
+    cluster.kubectl(
+        "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in (secret, relay_pod("relay-tls")))
+    )
+    wait_until(
+        "the relay pod Ready (the kubelet's HTTPS readiness probe)",
+        lambda: any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in get(cluster, "pod", "relay")["status"].get("conditions", [])
+        ),
+        timeout=120,
+    )
+    response, sent_from = stun_binding((realnode.NODE_IP, 3478))
+    assert (str(response.address), response.port) == sent_from  # the client's real address and port
+    asyncio.run(relay_a_packet(f"https://{realnode.NODE_IP}:443/derp", material.cert_name))
+    cluster.kubectl("delete", "pod", "relay", "--wait=true", "--timeout=60s")
+
+
+def test_stopping_leaves_nothing_behind(real: tuple[LocalCluster, dict[str, Any]]) -> None:
+    cluster, before = real
+    running = host_state(cluster.state_dir)
+    assert running["netns"] and running["link"] and running["cgroups"] and running["processes"]
+    down(cluster)
+    assert host_state(cluster.state_dir) == before
