@@ -6,10 +6,13 @@ image built here, under the securityContext it asks for, with a ConfigMap
 the kubelet mounts and updates; its hostPort is reached from the host at the
 node's address, and the pod sees the client's own address (no masquerade);
 loopback ports of this machine are not captured; ``kubectl logs`` goes
-through the kubelet.  Stopping the cluster leaves nothing behind: no
-process, cgroup, mount, namespace, link, iptables chain, CNI state,
-/run/containerd or /var/log/pods; ip_forward and the kernel settings the
-kubelet changes as they were.
+through the kubelet.  The relay image serves DERP over TLS and STUN through
+hostPorts 443 and 3478; and a DerpRegion run by the operator from its own
+rendering lands on the node, passes the operator's probes, and tells a
+client ``Restarting`` when the kubelet stops it.  Stopping the cluster
+leaves nothing behind: no process, cgroup, mount, namespace, link, iptables
+chain, CNI state, /run/containerd or /var/log/pods; ip_forward and the
+kernel settings the kubelet changes as they were.
 """
 
 from __future__ import annotations
@@ -28,14 +31,20 @@ import pytest
 import yaml
 from conftest import pids_naming, wait_until
 from derpcluster import LocalCluster, down, images, realnode, up
-from derprelay import stun
+from derprelay import frames, stun
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
+from test_operator import OPERATOR_NAMESPACE, REPO, Kubectl, OperatorProcess, condition, token_kubeconfig
 
 HOST_PORT = 18080
 """Bound by portmap in the node's namespace only; the test also listens on it at 127.0.0.1."""
 pytestmark = pytest.mark.timeout(300)
+ON_THE_REAL_NODE: dict[str, Any] = {
+    "nodeSelector": {realnode.NODE_LABEL: "real"},
+    "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+}
+"""What a pod spec (or a DerpRegion's spec) says to run on the real node, which is tainted."""
 
 
 def host_state(state_dir: Path) -> dict[str, Any]:
@@ -102,8 +111,7 @@ def echo_pod() -> list[dict[str, Any]]:
             "kind": "Pod",
             "metadata": {"name": "echo", "namespace": "default"},
             "spec": {
-                "nodeSelector": {realnode.NODE_LABEL: "real"},
-                "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+                **ON_THE_REAL_NODE,
                 "terminationGracePeriodSeconds": 5,
                 "securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": True},
                 "containers": [
@@ -185,8 +193,7 @@ def relay_pod(cert_secret: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {"name": "relay", "namespace": "default"},
         "spec": {
-            "nodeSelector": {realnode.NODE_LABEL: "real"},
-            "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+            **ON_THE_REAL_NODE,
             "terminationGracePeriodSeconds": 10,
             "securityContext": {
                 "runAsNonRoot": True,
@@ -291,6 +298,82 @@ def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
     assert (str(response.address), response.port) == sent_from  # the client's real address and port
     asyncio.run(relay_a_packet(f"https://{realnode.NODE_IP}:443/derp", material.cert_name))
     cluster.kubectl("delete", "pod", "relay", "--wait=true", "--timeout=60s")
+
+
+REGION = {
+    "apiVersion": "derpfleet.io/v1alpha1",
+    "kind": "DerpRegion",
+    "metadata": {"name": "real", "namespace": "derp"},
+    "spec": {
+        "regionID": 950,
+        "regionCode": "real",
+        "replicas": 1,
+        **ON_THE_REAL_NODE,
+    },
+}
+
+
+async def restarting_frame_on_delete(
+    cluster: LocalCluster, url: str, pin: str, pod: str
+) -> frames.Restarting:
+    """A client of the relay when its pod is deleted: the kubelet's SIGTERM makes the relay say Restarting."""
+    async with await connect(Endpoint(url, cert_name=pin), NodePrivateKey.generate()) as client:
+        cluster.kubectl("-n", "derp", "delete", "pod", pod, "--wait=false")
+        while True:
+            frame = await asyncio.wait_for(client.recv(), 30)
+            if isinstance(frame, frames.Restarting):
+                return frame
+
+
+def test_the_operators_relay_runs_from_its_image_on_the_real_node(
+    real: tuple[LocalCluster, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The operator's own rendering, image and probes on a real kubelet: nothing the fake node hid."""
+    cluster, _ = real
+    kubectl = Kubectl(cluster)
+    kubectl("create", "namespace", "derp")
+    cluster.install_chart_without_operator(REPO / "charts" / "derpfleet", OPERATOR_NAMESPACE)
+    operator = OperatorProcess(
+        cluster, token_kubeconfig(cluster, kubectl, tmp_path / "kubeconfig"), tmp_path / "operator.log", "a"
+    )
+    operator.start()
+    try:
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(REGION))
+        region = wait_until(
+            "the region Ready: the operator's STUN, DERP and ping probes through the node's hostPorts",
+            lambda: (r := kubectl.region("real")) and condition(r, "Ready").get("status") == "True" and r,
+            timeout=150,
+        )
+        (node,) = region["status"]["nodes"]
+        assert (node["ipv4"], node["nodeName"], node["ready"]) == (realnode.NODE_IP, realnode.NODE_NAME, True)
+        pod = node["podName"]
+        assert kubectl("-n", "derp", "exec", pod, "--", "id", "-u").stdout.strip() == "65532"
+        readonly = kubectl("-n", "derp", "exec", pod, "--", "touch", "/written", check=False)
+        assert readonly.returncode != 0 and "Read-only file system" in readonly.stderr
+        spec = kubectl.json("-n", "derp", "get", "pod", pod)["spec"]["containers"][0]
+        assert spec["image"] == images.RELAY.reference
+
+        response, sent_from = stun_binding((realnode.NODE_IP, 3478))
+        assert (str(response.address), response.port) == sent_from
+        published = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]
+        url = f"https://{published['IPv4']}:{published.get('DERPPort', 443)}/derp"
+        asyncio.run(relay_a_packet(url, published["CertName"]))
+        restarting = asyncio.run(restarting_frame_on_delete(cluster, url, published["CertName"], pod))
+        assert restarting.reconnect_in_ms > 0
+        wait_until(
+            "the StatefulSet's new relay pod Ready again",
+            lambda: (
+                condition(kubectl.region("real"), "Ready").get("status") == "True"
+                and kubectl.json("-n", "derp", "get", "pod", pod)["status"]
+                .get("containerStatuses", [{}])[0]
+                .get("ready")
+            ),
+            timeout=120,
+        )
+    finally:
+        # The operator removes its finalizer: delete while it runs.
+        kubectl("delete", "-f", "-", "--timeout=50s", input=yaml.safe_dump(REGION), check=False)
+        operator.stop()
 
 
 def test_stopping_leaves_nothing_behind(real: tuple[LocalCluster, dict[str, Any]]) -> None:

@@ -229,6 +229,9 @@ def build(image: Image, cache: Path | None = None) -> Path:
         "buildah push",
     )
     partial.rename(archive)
+    for stale in archive.parent.glob(f"{name}-*.tar"):
+        if stale != archive:
+            stale.unlink()  # an earlier source's image: hundreds of megabytes nobody imports again
     # Build stages and replaced tags would pile up in the vfs store, each a full copy.
     subprocess.run([*buildah, "rmi", "--prune"], capture_output=True, check=False)
     print(f">> built {image.reference} in {time.monotonic() - started:.0f}s", flush=True)
