@@ -29,13 +29,21 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import pids_naming, wait_until
+from conftest import (
+    OPERATOR_NAMESPACE,
+    REPO,
+    Kubectl,
+    OperatorProcess,
+    condition,
+    pids_naming,
+    token_kubeconfig,
+    wait_until,
+)
 from derpcluster import LocalCluster, down, images, realnode, up
 from derprelay import frames, stun
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
-from test_operator import OPERATOR_NAMESPACE, REPO, Kubectl, OperatorProcess, condition, token_kubeconfig
 
 HOST_PORT = 18080
 """Bound by portmap in the node's namespace only; the test also listens on it at 127.0.0.1."""
