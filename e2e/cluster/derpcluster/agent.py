@@ -12,7 +12,11 @@ runner over it; one agent doing both is what a kubelet is.  It
   its status like a kubelet (phase, IPs = the node's address as with
   hostNetwork, conditions, container status, restarts);
 * on deletion: SIGTERM, the grace period, SIGKILL, then removes the pod
-  object (grace 0), as a kubelet finishes a graceful delete.
+  object (grace 0), as a kubelet finishes a graceful delete;
+* for a node named in ``<state-dir>/silenced-nodes``, plays a dead kubelet:
+  no heartbeat, no pod status, no restarts, no new pods, while the processes
+  it already runs there go on (the node lifecycle controller then marks the
+  node NotReady and its pods not ready, as for a real one).
 
 Run it as ``python -m derpcluster.agent --kubeconfig … --state-dir … --node
 node-a=127.0.0.11 …``; SIGTERM stops every process it started.
@@ -34,6 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
@@ -42,9 +47,11 @@ from .podrunner import Obj, RunningPod, runnable
 
 log = logging.getLogger("derpcluster.agent")
 
-HEARTBEAT_INTERVAL = 10.0
+HEARTBEAT_INTERVAL = 5.0
 TICK = 0.5
 VOLUME_SYNC_INTERVAL = 2.0
+SILENCED_NODES_FILE = "silenced-nodes"
+"""Names of nodes whose kubelet is to play dead, one a line; tests write it."""
 NODE_CAPACITY = {"cpu": "8", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"}
 
 
@@ -74,8 +81,24 @@ class Agent:
         self.events: queue.Queue[tuple[str, Obj]] = queue.Queue()
         self.stop = threading.Event()
         self._last_volume_sync = 0.0
+        self._silenced: set[str] = set()
+        self._repost: set[str] = set()
+        """Pods whose status a revived node's kubelet posts again on its next tick."""
 
     # --- nodes --------------------------------------------------------------------------
+
+    def silenced(self) -> set[str]:
+        """Nodes whose kubelet plays dead now; pods of a node leaving the list have their status posted afresh."""
+        try:
+            names = set((self.state_dir / SILENCED_NODES_FILE).read_text().split())
+        except FileNotFoundError:
+            names = set()
+        revived, self._silenced = self._silenced - names, names
+        for uid, pod in self.pods.items():
+            if pod["spec"].get("nodeName") in revived:
+                self.reported.pop(uid, None)
+                self._repost.add(uid)
+        return names
 
     def _node_status(self, ip: str) -> Obj:
         now = _now()
@@ -134,7 +157,10 @@ class Agent:
 
     def heartbeat(self) -> None:
         """Renew each node's Lease and Ready condition, so the node lifecycle controller keeps them Ready."""
+        silenced = self.silenced()
         for name, ip in self.nodes.items():
+            if name in silenced:
+                continue
             renew = {"spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": _micro_now()}}
             try:
                 self.coordination.patch_namespaced_lease(name, "kube-node-lease", renew)
@@ -196,7 +222,7 @@ class Agent:
     def handle(self, kind: str, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
         node = (pod.get("spec") or {}).get("nodeName")
-        if node not in self.nodes:
+        if node not in self.nodes or node in self._silenced:
             return
         if kind == "DELETED":
             self.pods.pop(uid, None)
@@ -324,11 +350,15 @@ class Agent:
         sync = time.monotonic() - self._last_volume_sync >= VOLUME_SYNC_INTERVAL
         if sync:
             self._last_volume_sync = time.monotonic()
-        for running in list(self.running.values()):
+        silenced = self.silenced()
+        for uid, running in list(self.running.items()):
+            if running.pod["spec"].get("nodeName") in silenced:
+                continue
             if sync:
                 with contextlib.suppress(k8s.ApiException):
                     running.sync_volumes()
-            if running.tick():
+            if running.tick() or uid in self._repost:
+                self._repost.discard(uid)
                 self._report(running.pod)
         for uid in list(self.pending):
             pod = self.pods.get(uid)
@@ -342,14 +372,20 @@ class Agent:
         threading.Thread(target=self.watch_pods, name="pod watch", daemon=True).start()
         next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
         while not self.stop.is_set():
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    kind, pod = self.events.get(timeout=TICK)
-                    self.handle(kind, pod)
-            self.tick()
-            if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
-                self.heartbeat()
+            try:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        kind, pod = self.events.get(timeout=TICK)
+                        self.handle(kind, pod)
+                self.tick()
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+                    self.heartbeat()
+            except (k8s.ApiException, urllib3.exceptions.HTTPError) as exc:
+                # As a kubelet: an API server that is down or restarting is waited for, pods keep running;
+                # the pod watch re-lists once it is back, so a lost event is seen again.
+                log.warning("API server unreachable, retrying: %s", exc)
+                time.sleep(1)
         for running in self.running.values():
             running.stop(5)
 

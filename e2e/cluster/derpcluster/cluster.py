@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import binaries as binaries_module
 from . import realnode
+from .agent import SILENCED_NODES_FILE
 from .controlplane import Cluster, ClusterError, launch, start, stop, stop_state_dir
 from .images import Image
 from .images import build as build_image
@@ -57,6 +58,13 @@ class LocalCluster(Cluster):
             timeout=120,
         )
 
+    def silence_node(self, name: str, silent: bool = True) -> None:
+        """Make a node's kubelet play dead (the agent stops posting for it), or bring it back."""
+        path = self.state_dir / "agent" / SILENCED_NODES_FILE
+        names = set(path.read_text().split()) if path.exists() else set()
+        names = names | {name} if silent else names - {name}
+        path.write_text("".join(f"{n}\n" for n in sorted(names)))
+
     @property
     def pods_dir(self) -> Path:
         """Where the agent keeps each runnable pod's files and ``container.log``."""
@@ -82,7 +90,13 @@ def up(
     control = start(state_dir, built, progress)
     addresses = {**nodes, **({realnode.NODE_NAME: realnode.NODE_IP} if real_node else {})}
     cluster = LocalCluster(
-        control.state_dir, control.server, control.kubeconfig, built, control.processes, addresses
+        control.state_dir,
+        control.server,
+        control.kubeconfig,
+        built,
+        control.processes,
+        control.commands,
+        node_addresses=addresses,
     )
     try:
         if nodes:

@@ -32,6 +32,8 @@ SERVICE_CIDR = "10.96.0.0/16"
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 PROCESSES_FILE = "processes.json"
+NODE_MONITOR_GRACE_SECONDS = 30
+"""How long a node may go without a heartbeat before the node lifecycle controller marks it NotReady."""
 
 
 class ClusterError(RuntimeError):
@@ -84,6 +86,8 @@ class Cluster:
     binaries: Binaries
     processes: dict[str, int] = field(default_factory=dict)
     """Component name -> PID (each leads its own process group)."""
+    commands: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)
+    """Component name -> how it was launched, so a fault test can start it again as it was."""
 
     @property
     def log_dir(self) -> Path:
@@ -122,6 +126,7 @@ class Cluster:
 def launch(cluster: Cluster, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
     """Start a component in its own session (so it outlives ``make cluster-up``), logging to a file."""
     cluster.log_dir.mkdir(parents=True, exist_ok=True)
+    cluster.commands[name] = (list(argv), dict(env) if env is not None else None)
     with (cluster.log_dir / f"{name}.log").open("ab") as log:
         process = subprocess.Popen(
             list(argv),
@@ -322,6 +327,10 @@ def start(state_dir: Path, binaries: Binaries, progress: bool = True) -> Cluster
                 "--leader-elect=false",
                 "--concurrent-statefulset-syncs",
                 "5",
+                # A node whose agent stops posting turns NotReady within a test's patience
+                # (default 50 s); the node agent posts every 5 s.
+                "--node-monitor-grace-period",
+                f"{NODE_MONITOR_GRACE_SECONDS}s",
                 "--v",
                 "1",
             ],
@@ -380,6 +389,21 @@ def stop_processes(processes: dict[str, int]) -> None:
                 os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def stop_component(cluster: Cluster, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+    """End one component (its process group) as a crash or an upgrade would; its data stays."""
+    pid = cluster.processes.pop(name)
+    cluster.save()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    stop_processes({name: pid})
+
+
+def start_component(cluster: Cluster, name: str) -> None:
+    """Start a stopped component again with the same command line: same ports, same data."""
+    argv, env = cluster.commands[name]
+    launch(cluster, name, argv, env)
 
 
 def _names(pid: int, state_dir: Path) -> bool:
