@@ -1,11 +1,27 @@
-"""The fleet's DERP map across operator restarts: what was observed, and what is not known yet.
+"""The fleet's DERP map across operator restarts and API trouble: keep the last good one.
 
-The operator learns regions one reconcile at a time.  Right after it starts
-it has seen none of them, and publishing a map of only those seen so far
-would pull every other region from clients for a moment.  So a region that
-still exists but has not been looked at since the start keeps the entry it
-has in the published map; once observed, its fresh entry replaces it, and a
-deleted region drops out.
+A map that loses a region sends every client homed there elsewhere, so a
+region leaves the published map only on evidence about that region itself:
+
+* its DerpRegion is gone or being deleted, as a look-up *by name* answers;
+* its own fresh reconcile found nothing to serve (no relay passing probes,
+  a blocking problem), or it lost a regionID conflict.
+
+Nothing else removes it: not a list of DerpRegions that fails (nothing is
+published then), not a list that comes back short or empty (an API server
+restarting, an aggregated or cached list not yet filled), not a restarted
+operator that has observed nothing yet.  That is the lesson of
+headscale#2694, where a failed fetch of a DERP map emptied it: drop the old
+entries only on a good answer, never on a missing one.
+
+How: the ConfigMap records, next to the map, which DerpRegion each region
+ID was published for (:data:`SOURCES_ANNOTATION`).  A published region the
+listing lacks is looked up by that name (:func:`regions_to_look_up`); if it
+exists it is a claim like any listed one (:func:`listed_region`), so a region
+that is claimed but not observed since the start keeps the entry it has in
+the published map, and once observed its fresh entry replaces it.  A map
+published before the record existed names no sources: its unlisted regions
+drop out as before.
 """
 
 from __future__ import annotations
@@ -35,6 +51,64 @@ class ListedRegion:
     @property
     def key(self) -> RegionKey:
         return (self.namespace, self.name)
+
+
+SOURCES_ANNOTATION = "derpfleet.io/region-sources"
+"""On the map's ConfigMap: JSON {regionID: "namespace/name"} of the DerpRegion each entry came from."""
+
+
+def listed_region(body: Mapping[str, Any]) -> ListedRegion | None:
+    """A DerpRegion as it claims its ID; None when it is being deleted or has no usable regionID."""
+    meta = body.get("metadata") or {}
+    region_id = (body.get("spec") or {}).get("regionID")
+    if meta.get("deletionTimestamp") or not isinstance(region_id, int):
+        return None
+    return ListedRegion(
+        str(meta["namespace"]), str(meta["name"]), parse_time(meta.get("creationTimestamp")), region_id
+    )
+
+
+def parse_time(text: str | None) -> datetime.datetime:
+    """A ``metav1.Time``; none yet (an object just made) is now."""
+    if not text:
+        return datetime.datetime.now(datetime.UTC)
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def published_sources(annotations: Mapping[str, str] | None) -> dict[int, RegionKey]:
+    """The record of :data:`SOURCES_ANNOTATION`; an unreadable one names nothing."""
+    try:
+        record = json.loads((annotations or {}).get(SOURCES_ANNOTATION) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    sources = {}
+    for rid, source in record.items():
+        namespace, slash, name = str(source).partition("/")
+        if rid.isdigit() and slash and namespace and name:
+            sources[int(rid)] = (namespace, name)
+    return sources
+
+
+def regions_to_look_up(
+    claims: Sequence[ListedRegion], published_json: str | None, sources: Mapping[int, RegionKey]
+) -> list[RegionKey]:
+    """DerpRegions whose entry is published but whom the listing lacks: only a look-up by name may drop them."""
+    listed = {claim.key for claim in claims}
+    return sorted({sources[rid] for rid in previous_regions(published_json) if rid in sources} - listed)
+
+
+def sources_record(claims: Sequence[ListedRegion], published_json: str) -> str:
+    """The :data:`SOURCES_ANNOTATION` value for a map about to be published from these claims."""
+    losers = find_region_id_conflicts(claims)
+    in_map = previous_regions(published_json)
+    record = {
+        str(claim.region_id): f"{claim.namespace}/{claim.name}"
+        for claim in claims
+        if claim.key not in losers and claim.region_id in in_map
+    }
+    return json.dumps(dict(sorted(record.items(), key=lambda item: int(item[0]))), sort_keys=False)
 
 
 Observation = ObservedRegion | None

@@ -38,7 +38,17 @@ from derprelay.keys import MeshKey
 
 from . import credentials
 from .conflicts import RegionKey, find_region_id_conflicts
-from .fleet import ListedRegion, Observation, assemble_map
+from .fleet import (
+    SOURCES_ANNOTATION,
+    ListedRegion,
+    Observation,
+    assemble_map,
+    listed_region,
+    parse_time,
+    published_sources,
+    regions_to_look_up,
+    sources_record,
+)
 from .kubeapi import Kube, KubeError, Obj
 from .metrics import OperatorMetrics
 from .model import (
@@ -112,12 +122,6 @@ def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _parse_time(text: str | None) -> datetime.datetime:
-    if not text:
-        return _utc_now()
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 @dataclass(slots=True)
 class _Credentials:
     mesh_key: str | None = None
@@ -156,32 +160,38 @@ class Operator:
 
     async def _listed(self) -> list[ListedRegion]:
         """Live regions with a usable regionID (the CRD's schema makes that nearly all)."""
-        listed = []
-        for body in await self._list_regions():
-            meta = body.get("metadata") or {}
-            region_id = (body.get("spec") or {}).get("regionID")
-            if meta.get("deletionTimestamp") or not isinstance(region_id, int):
-                continue
-            listed.append(
-                ListedRegion(
-                    meta["namespace"], meta["name"], _parse_time(meta.get("creationTimestamp")), region_id
-                )
-            )
-        return listed
+        return [found for body in await self._list_regions() if (found := listed_region(body))]
 
     async def publish(self) -> None:
-        """Write the fleet map to its ConfigMap (if it changed) and to the HTTP endpoint."""
+        """Write the fleet map to its ConfigMap (if it changed) and to the HTTP endpoint.
+
+        A published region the listing lacks is looked up by name first: only
+        its absence drops it (the last good map stays, see :mod:`fleet`).
+        """
         async with self._publish_lock:
             current = await self.kube.get("v1", "ConfigMap", self.config.map_name, self.config.map_namespace)
             current_data = (current or {}).get("data") or {}
-            derp_map_json = assemble_map(
-                await self._listed(), self._observations, current_data.get(DERP_MAP_KEY)
-            )
+            previous = current_data.get(DERP_MAP_KEY)
+            annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
+            claims = await self._listed()
+            for namespace, name in regions_to_look_up(claims, previous, published_sources(annotations)):
+                body = await self.kube.get(REGION_API, KIND, name, namespace)
+                found = listed_region(body) if body is not None else None
+                if found is not None:
+                    log.warning(
+                        "the list of DerpRegions lacked %s/%s, which exists: its map entry stays",
+                        namespace,
+                        name,
+                    )
+                    claims.append(found)
+            derp_map_json = assemble_map(claims, self._observations, previous)
+            sources = sources_record(claims, derp_map_json)
             configmap = render_derp_map_configmap(
-                self.config.map_namespace, self.config.map_name, derp_map_json
+                self.config.map_namespace, self.config.map_name, derp_map_json, {SOURCES_ANNOTATION: sources}
             )
             # Every key of ours is compared, so a map published before derpmap.yaml existed gains it too.
-            if any(current_data.get(key) != value for key, value in configmap["data"].items()):
+            stale = any(current_data.get(key) != value for key, value in configmap["data"].items())
+            if stale or annotations.get(SOURCES_ANNOTATION) != sources:
                 await self.kube.apply(configmap)
                 log.info("published the DERP map %s/%s", self.config.map_namespace, self.config.map_name)
             self.published.derp_map_json = derp_map_json
@@ -353,7 +363,7 @@ class Operator:
         observed = ObservedRegion(
             name=ref.name,
             namespace=ref.namespace,
-            created=_parse_time(meta.get("creationTimestamp")),
+            created=parse_time(meta.get("creationTimestamp")),
             spec=spec,
             cert_pin=creds.pin,
             nodes=tuple(

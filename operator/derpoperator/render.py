@@ -422,18 +422,24 @@ def render_region(
     return manifests
 
 
-def render_derp_map_configmap(namespace: str, name: str, derp_map_json: str) -> Manifest:
+def render_derp_map_configmap(
+    namespace: str, name: str, derp_map_json: str, annotations: Mapping[str, str] | None = None
+) -> Manifest:
     """The fleet's DERP map, as JSON and as the YAML that Headscale ``derp.paths`` reads.
 
-    It spans every region, so it has no single owner.
+    It spans every region, so it has no single owner.  The operator annotates
+    it with where each region came from (see :mod:`fleet`).
     """
+    metadata: Manifest = {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/name": "derp-map"},
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/name": "derp-map"},
-        },
+        "metadata": metadata,
         "data": {DERP_MAP_KEY: derp_map_json, DERP_MAP_YAML_KEY: headscale_yaml(derp_map_json)},
     }

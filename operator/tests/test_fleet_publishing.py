@@ -5,7 +5,16 @@ from __future__ import annotations
 import datetime
 import json
 
-from derpoperator.fleet import ListedRegion, assemble_map, previous_regions
+from derpoperator.fleet import (
+    SOURCES_ANNOTATION,
+    ListedRegion,
+    assemble_map,
+    listed_region,
+    previous_regions,
+    published_sources,
+    regions_to_look_up,
+    sources_record,
+)
 from test_fleet_derp_map import T0, region, running
 
 LATER = T0 + datetime.timedelta(hours=1)
@@ -63,3 +72,49 @@ def test_an_unreadable_published_map_carries_nothing() -> None:
     assert previous_regions('{"Regions": []}') == {}
     assert previous_regions(None) == {}
     assert list(previous_regions('{"Regions": {"900": {"RegionID": 900}, "x": {}}}')) == [900]
+
+
+def test_a_listing_that_lacks_a_published_region_sends_it_to_be_looked_up_by_name() -> None:
+    """headscale#2694: an API server restarting may answer an empty list; only a look-up may drop a region."""
+    fra = region("fra", (running(0, "203.0.113.7"),), regionID=900)
+    before = assemble_map([listed("fra", 900)], {("derp", "fra"): fra}, None)
+    record = sources_record([listed("fra", 900)], before)
+    assert record == '{"900": "derp/fra"}'
+    sources = published_sources({SOURCES_ANNOTATION: record})
+    assert regions_to_look_up([], before, sources) == [("derp", "fra")]
+    assert regions_to_look_up([listed("fra", 900)], before, sources) == []
+    # Found by name, it is a claim again and keeps its entry although the operator observed nothing.
+    found = listed_region(
+        {
+            "metadata": {"namespace": "derp", "name": "fra", "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": {"regionID": 900},
+        }
+    )
+    assert found is not None
+    assert assemble_map([found], {}, before) == before
+    # A map published before the record existed names no sources: nothing to look up.
+    assert regions_to_look_up([], before, {}) == []
+
+
+def test_a_region_being_deleted_is_no_claim() -> None:
+    body = {
+        "metadata": {"namespace": "derp", "name": "fra", "deletionTimestamp": "x"},
+        "spec": {"regionID": 900},
+    }
+    assert listed_region(body) is None
+    assert listed_region({"metadata": {"namespace": "derp", "name": "fra"}, "spec": {}}) is None
+
+
+def test_an_unreadable_sources_record_names_nothing() -> None:
+    assert published_sources(None) == {}
+    assert published_sources({SOURCES_ANNOTATION: "not json"}) == {}
+    assert published_sources({SOURCES_ANNOTATION: '{"900": "no-slash", "x": "a/b", "901": "a/b"}'}) == {
+        901: ("a", "b")
+    }
+
+
+def test_the_sources_record_names_only_published_winners() -> None:
+    fra = region("fra", (running(0, "203.0.113.7"),), regionID=900)
+    claims = [listed("fra", 900), listed("fra2", 900, LATER), listed("empty", 903)]
+    out = assemble_map(claims, {("derp", "fra"): fra, ("derp", "empty"): None}, None)
+    assert json.loads(sources_record(claims, out)) == {"900": "derp/fra"}
