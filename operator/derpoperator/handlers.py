@@ -435,12 +435,12 @@ def _node_of(pod: Mapping[str, Any] | None) -> str:
 
 
 def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
-    """Relays with a ready pod and an address: the ones clients could be sent to."""
+    """Relays with an address and a ready pod, or one only probes can judge: those clients could be sent to."""
     spec = observed.spec
     targets = []
     for view in view_region(observed):
         address = view.ipv4 or view.ipv6
-        if not (view.observed.pod_ready and address):
+        if not (view.observed.probe_wanted and address):
             continue
         # The operator knows the exact certificate the relays serve, so it pins it in every mode.
         cert_name = observed.cert_pin or view.host_name

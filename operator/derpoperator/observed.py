@@ -5,6 +5,15 @@ into one :class:`NodeView` per desired relay: its DERP node name, the
 addresses and hostname clients should use, and whether it is healthy.  The
 DERP map and the status are both built from these views, so they never
 disagree about a node.
+
+A pod's readiness is its kubelet's word.  When the pod's Kubernetes Node is
+NotReady nobody is giving that word any more: the node lifecycle controller
+has marked the pod not ready because the kubelet went silent, while the relay
+itself may well still serve its clients (a dead kubelet leaves containers
+running; a network split may hide the node from the API server only).  So on
+a NotReady node the operator's own probes decide: the relay stays published
+while it passes them and leaves when it fails them, and the region is
+Degraded meanwhile, naming the node.  A terminating pod is out either way.
 """
 
 from __future__ import annotations
@@ -51,9 +60,22 @@ class ObservedNode:
     pod_failing: bool = False
     """The pod is stuck (unschedulable, crash loop, image or config error), not just starting."""
     pod_message: str = ""
+    pod_terminating: bool = False
     node_name: str = ""
     addresses: tuple[NodeAddress, ...] = ()
     probe: ProbeResult | None = None
+    node_not_ready: str = ""
+    """Why the pod's Kubernetes Node is not Ready ("" when it is, or unknown): its pod's readiness is stale."""
+
+    @property
+    def judged_by_probes(self) -> bool:
+        """A pod on a NotReady node: its own readiness is stale, so only the probes tell whether it serves."""
+        return bool(self.node_not_ready and self.pod_name and not self.pod_terminating)
+
+    @property
+    def probe_wanted(self) -> bool:
+        """Whether the prober should try it: a ready pod, or one only the probes can judge."""
+        return self.pod_ready or self.judged_by_probes
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +178,19 @@ def pod_readiness(pod: Mapping[str, Any]) -> tuple[bool, bool, str]:
     return False, failing, problem or str(ready.get("message") or "not ready yet")
 
 
+def node_not_ready(node: Mapping[str, Any] | None) -> str:
+    """Why a Kubernetes Node is not Ready, as its Ready condition says; "" when it is Ready or unknown."""
+    for condition in ((node or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            if condition.get("status") == "True":
+                return ""
+            detail = condition.get("message") or condition.get("reason") or ""
+            return f"Kubernetes node {(node or {}).get('metadata', {}).get('name', '?')} is NotReady" + (
+                f" ({detail})" if detail else ""
+            )
+    return ""
+
+
 def observe_node(
     ordinal: int,
     pod: Mapping[str, Any] | None,
@@ -172,9 +207,11 @@ def observe_node(
         pod_ready=ready,
         pod_failing=failing,
         pod_message=message,
+        pod_terminating=bool((pod.get("metadata") or {}).get("deletionTimestamp")),
         node_name=str((pod.get("spec") or {}).get("nodeName") or ""),
         addresses=node_addresses(node),
         probe=probe,
+        node_not_ready=node_not_ready(node),
     )
 
 
@@ -207,6 +244,15 @@ class NodeView:
 def _health(node: ObservedNode) -> tuple[NodeHealth, str]:
     if not node.pod_name:
         return NodeHealth.NO_POD, "no pod yet"
+    if node.judged_by_probes:
+        if node.probe is None:
+            return NodeHealth.POD_NOT_READY, f"{node.node_not_ready}; waiting for a probe"
+        if not node.probe.ok:
+            return (
+                NodeHealth.PROBE_FAILED,
+                f"{node.node_not_ready}; probe failed: {node.probe.message or 'no detail'}",
+            )
+        return NodeHealth.HEALTHY, f"{node.node_not_ready}; published while it passes probes"
     if not node.pod_ready:
         kind = NodeHealth.POD_FAILING if node.pod_failing else NodeHealth.POD_NOT_READY
         return kind, f"pod {node.pod_name} {node.pod_message or 'not ready'}"

@@ -8,7 +8,9 @@ Conditions follow ``metav1.Condition``.  Their meaning:
   to every relay (the message names who it waits for).
 * **Degraded** — something needs a human: a blocking problem (ID conflict,
   missing Secret…), a relay failing probes or stuck (unschedulable, crash
-  loop), or, once the rollout is done, any relay not healthy.
+  loop), or, once the rollout is done, any relay not healthy; or a relay's
+  Kubernetes node NotReady (``NodeNotReady``), even while that relay still
+  passes its probes and stays published (see :mod:`observed`).
 
 Unready pods during a rollout are expected, so they make the region
 Progressing, not Degraded; that keeps Degraded from flapping on every update.
@@ -125,10 +127,13 @@ def compute_conditions(
         progressing = Condition(PROGRESSING, True, "RollingOut", rollout.message + waiting)
 
     troubled = [v for v in unhealthy if rollout.complete or v.health in _NEEDS_HUMAN]
+    on_lost_nodes = [v for v in views if v.observed.node_not_ready]
     if problems:
         degraded = Condition(DEGRADED, True, problems[0].reason, blocking)
     elif troubled:
         degraded = Condition(DEGRADED, True, "RelaysUnhealthy", f"{counts}: {_node_list(troubled)}")
+    elif on_lost_nodes:
+        degraded = Condition(DEGRADED, True, "NodeNotReady", f"{counts}: {_node_list(on_lost_nodes)}")
     else:
         degraded = Condition(DEGRADED, False, "AsExpected", counts)
     return [ready, progressing, degraded, *kstatus_conditions(ready, progressing, degraded)]

@@ -14,6 +14,7 @@ from derpoperator.observed import (
     ProbeResult,
     choose_addresses,
     node_addresses,
+    node_not_ready,
     observe_node,
     pod_readiness,
     view_node,
@@ -191,3 +192,52 @@ def test_view_region_covers_exactly_the_desired_ordinals() -> None:
     )
     views = view_region(region)
     assert [(v.name, v.health) for v in views] == [("900a", NodeHealth.HEALTHY), ("900b", NodeHealth.NO_POD)]
+
+
+LOST_NODE = {
+    "metadata": {"name": "node-1"},
+    "status": {
+        "addresses": [{"type": "InternalIP", "address": "10.0.0.5"}],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "Unknown",
+                "reason": "NodeStatusUnknown",
+                "message": "Kubelet stopped posting node status.",
+            }
+        ],
+    },
+}
+
+
+def test_a_node_not_ready_is_read_from_its_ready_condition() -> None:
+    assert (
+        node_not_ready(LOST_NODE)
+        == "Kubernetes node node-1 is NotReady (Kubelet stopped posting node status.)"
+    )
+    ready = {"metadata": {"name": "n"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    assert node_not_ready(ready) == ""
+    assert node_not_ready(None) == ""
+
+
+def test_on_a_not_ready_node_the_probes_decide_what_the_stale_pod_readiness_cannot() -> None:
+    """The node lifecycle controller marked the pod not ready; the relay may still serve."""
+    stale = observe_node(0, pod(ready="False"), LOST_NODE)
+    assert stale.judged_by_probes and stale.probe_wanted
+    assert view_node(spec_of(), stale).health is NodeHealth.POD_NOT_READY
+    passing = observe_node(0, pod(ready="False"), LOST_NODE, ProbeResult(True, NOW, 1.0))
+    view = view_node(spec_of(), passing)
+    assert view.healthy and "published while it passes probes" in view.message
+    failing = observe_node(0, pod(ready="False"), LOST_NODE, ProbeResult(False, NOW, message="timed out"))
+    view = view_node(spec_of(), failing)
+    assert view.health is NodeHealth.PROBE_FAILED and "node-1 is NotReady" in view.message
+    # On a Ready node a not-ready pod is not probed, and nothing overrules its readiness.
+    ordinary = observe_node(0, pod(ready="False"), None, ProbeResult(True, NOW, 1.0))
+    assert not ordinary.probe_wanted and not view_node(spec_of(), ordinary).healthy
+
+
+def test_a_terminating_pod_on_a_not_ready_node_is_out() -> None:
+    raw = pod(ready="False")
+    raw["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    going = observe_node(0, raw, LOST_NODE, ProbeResult(True, NOW, 1.0))
+    assert not going.probe_wanted and not view_node(spec_of(), going).healthy

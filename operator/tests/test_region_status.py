@@ -283,3 +283,19 @@ def test_an_invalid_spec_is_degraded_and_neither_ready_nor_progressing() -> None
     assert {c["message"] for c in status["conditions"]} == {"spec.replicas: must be at most 26"}
     assert condition_of(status, "Degraded") == status["conditions"][2]
     assert condition_of(status, "Nope") is None
+
+
+def test_a_relay_on_a_not_ready_node_degrades_the_region_while_it_still_serves() -> None:
+    lost = ObservedNode(
+        1,
+        pod_name="derp-fra-1",
+        addresses=ADDR,
+        node_name="node-b",
+        probe=ProbeResult(True, T0, 0.5),
+        node_not_ready="Kubernetes node node-b is NotReady (Kubelet stopped posting node status.)",
+    )
+    found = conditions(healthy(0), lost, rollout=ROLLING)
+    assert found["Ready"][:2] == (True, "RelaysServing")
+    assert found["Degraded"][:2] == (True, "NodeNotReady")
+    assert "900b: Kubernetes node node-b is NotReady" in found["Degraded"][2]
+    assert "2/2 relays healthy" in found["Degraded"][2]
