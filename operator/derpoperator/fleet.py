@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,11 +92,19 @@ def published_sources(annotations: Mapping[str, str] | None) -> dict[int, Region
 
 
 def regions_to_look_up(
-    claims: Sequence[ListedRegion], published_json: str | None, sources: Mapping[int, RegionKey]
+    claims: Sequence[ListedRegion],
+    published_json: str | None,
+    sources: Mapping[int, RegionKey],
+    watched: Collection[str] = (),
 ) -> list[RegionKey]:
-    """DerpRegions whose entry is published but whom the listing lacks: only a look-up by name may drop them."""
+    """DerpRegions whose entry is published but whom the listing lacks: only a look-up by name may drop them.
+
+    Only in the ``watched`` namespaces (empty: all): a region outside them is
+    not this operator's to keep (it may not even be allowed to read it).
+    """
     listed = {claim.key for claim in claims}
-    return sorted({sources[rid] for rid in previous_regions(published_json) if rid in sources} - listed)
+    wanted = {sources[rid] for rid in previous_regions(published_json) if rid in sources}
+    return sorted(key for key in wanted - listed if not watched or key[0] in watched)
 
 
 def sources_record(claims: Sequence[ListedRegion], published_json: str) -> str:

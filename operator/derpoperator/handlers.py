@@ -174,7 +174,9 @@ class Operator:
             previous = current_data.get(DERP_MAP_KEY)
             annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
             claims = await self._listed()
-            for namespace, name in regions_to_look_up(claims, previous, published_sources(annotations)):
+            sources = published_sources(annotations)
+            watched = self.config.namespaces
+            for namespace, name in regions_to_look_up(claims, previous, sources, watched):
                 body = await self.kube.get(REGION_API, KIND, name, namespace)
                 found = listed_region(body) if body is not None else None
                 if found is not None:
@@ -185,13 +187,13 @@ class Operator:
                     )
                     claims.append(found)
             derp_map_json = assemble_map(claims, self._observations, previous)
-            sources = sources_record(claims, derp_map_json)
+            record = sources_record(claims, derp_map_json)
             configmap = render_derp_map_configmap(
-                self.config.map_namespace, self.config.map_name, derp_map_json, {SOURCES_ANNOTATION: sources}
+                self.config.map_namespace, self.config.map_name, derp_map_json, {SOURCES_ANNOTATION: record}
             )
             # Every key of ours is compared, so a map published before derpmap.yaml existed gains it too.
             stale = any(current_data.get(key) != value for key, value in configmap["data"].items())
-            if stale or annotations.get(SOURCES_ANNOTATION) != sources:
+            if stale or annotations.get(SOURCES_ANNOTATION) != record:
                 await self.kube.apply(configmap)
                 log.info("published the DERP map %s/%s", self.config.map_namespace, self.config.map_name)
             self.published.derp_map_json = derp_map_json

@@ -92,6 +92,9 @@ def test_a_listing_that_lacks_a_published_region_sends_it_to_be_looked_up_by_nam
     )
     assert found is not None
     assert assemble_map([found], {}, before) == before
+    # A namespaced operator looks up only regions in the namespaces it watches.
+    assert regions_to_look_up([], before, sources, ("other",)) == []
+    assert regions_to_look_up([], before, sources, ("derp",)) == [("derp", "fra")]
     # A map published before the record existed names no sources: nothing to look up.
     assert regions_to_look_up([], before, {}) == []
 
