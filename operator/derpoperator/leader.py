@@ -126,12 +126,16 @@ class LeaderElection:
                     break
             except KubeError as exc:
                 log.warning("renewing the lease: %s", exc)
-        log.error("lost the lease %s/%s; stopping", self.config.namespace, self.config.name)
+        log.error("lost the lease %s/%s; stopping to reconcile", self.config.namespace, self.config.name)
 
     async def release(self) -> None:
         """Give the Lease up so a standby need not wait for it to expire."""
         config = self.config
-        lease = await self.kube.get("coordination.k8s.io/v1", "Lease", config.name, config.namespace)
+        try:
+            lease = await self.kube.get("coordination.k8s.io/v1", "Lease", config.name, config.namespace)
+        except KubeError as exc:
+            log.warning("releasing the lease: %s", exc)
+            return
         if lease is None or (lease.get("spec") or {}).get("holderIdentity") != config.identity:
             return
         released = self._lease("", int((lease.get("spec") or {}).get("leaseTransitions") or 0))

@@ -62,7 +62,7 @@ def _configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 
 async def run(config: RunConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve, wait to lead, then reconcile until stopped or the lease is lost."""
+    """Serve, wait to lead, then reconcile until stopped; a lost lease means standing by again."""
     stop = stop or asyncio.Event()
     kube = Kube(load_api_client(config.kubeconfig))
     metrics = OperatorMetrics()
@@ -83,39 +83,56 @@ async def run(config: RunConfig, stop: asyncio.Event | None = None) -> None:
         build_app(published, metrics.registry), config.listen_host, config.listen_port
     )
     election = None
+    if config.leader_election:
+        lease = LeaseConfig(config.lease_namespace, config.lease_name, config.identity or default_identity())
+        election = LeaderElection(kube, lease)
     try:
-        if config.leader_election:
-            lease = LeaseConfig(
-                config.lease_namespace, config.lease_name, config.identity or default_identity()
-            )
-            election = LeaderElection(kube, lease)
-            published.role = "standby"
-            if not await _until_stopped(election.acquire(), stop):
+        while not stop.is_set():
+            if election is not None:
+                published.role = "standby"
+                if not await _until_stopped(election.acquire(), stop):
+                    return
+            published.role = "leading"
+            if not await _lead(registry, config.operator.namespaces, election, stop):
                 return
-        published.role = "leading"
-        namespaces = config.operator.namespaces
-        kopf_stop = asyncio.Event()
-        reconciling = asyncio.create_task(
-            kopf.operator(
-                registry=registry,
-                standalone=True,
-                clusterwide=not namespaces,
-                namespaces=list(namespaces),
-                stop_flag=kopf_stop,
-            )
-        )
-        enders: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
-        if election is not None:
-            enders.append(asyncio.create_task(election.hold()))
-        await asyncio.wait([reconciling, *enders], return_when=asyncio.FIRST_COMPLETED)
-        kopf_stop.set()
-        for task in enders:
-            task.cancel()
-        await reconciling
+            # The lease could not be renewed in time (an API server down for longer than the lease):
+            # stop acting, as leader election demands, then stand by to lead again once it is back.
+            # The last published map is still served meanwhile.
+            log.warning("standing by to take the lease again")
     finally:
         if election is not None:
             await election.release()
         await runner.cleanup()
+
+
+async def _lead(
+    registry: kopf.OperatorRegistry,
+    namespaces: tuple[str, ...],
+    election: LeaderElection | None,
+    stop: asyncio.Event,
+) -> bool:
+    """Reconcile until stopped (False) or the lease is lost (True)."""
+    kopf_stop = asyncio.Event()
+    reconciling = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            stop_flag=kopf_stop,
+        )
+    )
+    stopped = asyncio.create_task(stop.wait())
+    enders: list[asyncio.Task[Any]] = [stopped]
+    if election is not None:
+        enders.append(asyncio.create_task(election.hold()))
+    await asyncio.wait([reconciling, *enders], return_when=asyncio.FIRST_COMPLETED)
+    kopf_stop.set()
+    lost = not stopped.done() and not reconciling.done()
+    for task in enders:
+        task.cancel()
+    await reconciling
+    return lost
 
 
 async def _until_stopped(work: Any, stop: asyncio.Event) -> bool:
