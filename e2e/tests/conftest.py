@@ -129,13 +129,15 @@ class Kubectl:
     def region(self, name: str = REGION) -> dict[str, Any]:
         return dict(self.json("-n", NAMESPACE, "get", "derpregion", name))
 
-    def patch_region(self, spec: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def patch_region(
+        self, spec: dict[str, Any], check: bool = True, name: str = REGION
+    ) -> subprocess.CompletedProcess[str]:
         return self(
             "-n",
             NAMESPACE,
             "patch",
             "derpregion",
-            REGION,
+            name,
             "--type=merge",
             "-p",
             json.dumps({"spec": spec}),
@@ -159,6 +161,30 @@ def region_doc(name: str = REGION, **spec: Any) -> str:
     base["metadata"] = {"name": name, "namespace": NAMESPACE}
     base["spec"].update(spec)
     return yaml.safe_dump(base)
+
+
+def region_nodes(derp_map: dict[str, Any], region_id: int) -> dict[str, str]:
+    """Node name -> IPv4 of one region in a DERP map ({} when the region is absent)."""
+    region = derp_map["Regions"].get(str(region_id)) or {}
+    return {n["Name"]: n.get("IPv4", "") for n in region.get("Nodes") or []}
+
+
+def relay_pids(node_ip: str, port: int = 443) -> list[int]:
+    """The pod runner's relay processes serving ``node_ip:port``: the parent and its workers (same command line)."""
+    wanted = f"{node_ip}:{port}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"derp-relay") for a in argv[:2]) and wanted in argv:
+            found.append(int(entry.name))
+    if not found:
+        raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
+    return found
 
 
 def free_port() -> int:
@@ -268,3 +294,12 @@ def operators_running(cluster: Any, kubectl: Kubectl, workdir: Path) -> Iterator
             sys.stderr.write(
                 f"--- operator {operator.identity} log (tail) ---\n{operator.log_path.read_text(errors='replace')[-6000:]}\n"
             )
+
+
+@pytest.fixture(scope="module")
+def operators(
+    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[OperatorProcess]]:
+    """Per test module: operator "a" running (leading); tests may add more.  All stopped at the end, logs shown."""
+    with operators_running(cluster, kubectl, tmp_path_factory.mktemp("operators")) as running:
+        yield running

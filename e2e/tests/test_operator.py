@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,9 @@ from conftest import (
     OperatorProcess,
     condition,
     crd_manifest,
-    operators_running,
     region_doc,
+    region_nodes,
+    relay_pids,
     wait_for,
     wait_until,
 )
@@ -48,21 +48,6 @@ from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def operators(
-    cluster: Any, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[OperatorProcess]]:
-    """Operator "a" running (leading); tests may add more.  All are stopped at the end, logs shown on failure."""
-    with operators_running(cluster, kubectl, tmp_path_factory.mktemp("operators")) as running:
-        yield running
-
-
-def region_nodes(derp_map: dict[str, Any], region_id: int) -> dict[str, str]:
-    """Node name -> IPv4 of one region in a DERP map ({} when the region is absent)."""
-    region = derp_map["Regions"].get(str(region_id)) or {}
-    return {n["Name"]: n.get("IPv4", "") for n in region.get("Nodes") or []}
 
 
 def owned_versions(kubectl: Kubectl) -> dict[str, str]:
@@ -79,24 +64,6 @@ def owned_versions(kubectl: Kubectl) -> dict[str, str]:
         "metadata"
     ]["resourceVersion"]
     return versions
-
-
-def relay_pids(node_ip: str, port: int = 443) -> list[int]:
-    """The pod runner's relay processes serving ``node_ip:port``: the parent and its workers (same command line)."""
-    wanted = f"{node_ip}:{port}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"derp-relay") for a in argv[:2]) and wanted in argv:
-            found.append(int(entry.name))
-    if not found:
-        raise LookupError(f"no derp-relay process listens on {node_ip}:{port}")
-    return found
 
 
 def tls_secret(name: str, host: str) -> dict[str, Any]:
