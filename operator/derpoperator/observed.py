@@ -13,7 +13,13 @@ itself may well still serve its clients (a dead kubelet leaves containers
 running; a network split may hide the node from the API server only).  So on
 a NotReady node the operator's own probes decide: the relay stays published
 while it passes them and leaves when it fails them, and the region is
-Degraded meanwhile, naming the node.  A terminating pod is out either way.
+Degraded meanwhile, naming the node.  The same holds for a pod whose Ready
+condition is False while its ContainersReady is True (and it has no
+readiness gates): a kubelet never writes that, the node lifecycle controller
+does when it marks a NotReady node's pods, and the mark outlives the node's
+return until the kubelet posts again (after an API server outage longer
+than the node grace period, every pod can carry it for a moment).  A
+terminating pod is out either way.
 """
 
 from __future__ import annotations
@@ -66,11 +72,14 @@ class ObservedNode:
     probe: ProbeResult | None = None
     node_not_ready: str = ""
     """Why the pod's Kubernetes Node is not Ready ("" when it is, or unknown): its pod's readiness is stale."""
+    readiness_overruled: bool = False
+    """Ready False while ContainersReady is True: not the kubelet's word but the node lifecycle controller's."""
 
     @property
     def judged_by_probes(self) -> bool:
-        """A pod on a NotReady node: its own readiness is stale, so only the probes tell whether it serves."""
-        return bool(self.node_not_ready and self.pod_name and not self.pod_terminating)
+        """A pod whose readiness is stale (see the module docstring): only the probes tell whether it serves."""
+        stale = self.node_not_ready or self.readiness_overruled
+        return bool(stale and self.pod_name and not self.pod_terminating)
 
     @property
     def probe_wanted(self) -> bool:
@@ -178,6 +187,16 @@ def pod_readiness(pod: Mapping[str, Any]) -> tuple[bool, bool, str]:
     return False, failing, problem or str(ready.get("message") or "not ready yet")
 
 
+def readiness_overruled(pod: Mapping[str, Any]) -> bool:
+    """Ready False but ContainersReady True, without readiness gates: a mark by the node lifecycle controller."""
+    if (pod.get("spec") or {}).get("readinessGates"):
+        return False
+    return (
+        _condition(pod, "Ready").get("status") == "False"
+        and _condition(pod, "ContainersReady").get("status") == "True"
+    )
+
+
 def node_not_ready(node: Mapping[str, Any] | None) -> str:
     """Why a Kubernetes Node is not Ready, as its Ready condition says; "" when it is Ready or unknown."""
     for condition in ((node or {}).get("status") or {}).get("conditions") or []:
@@ -212,6 +231,7 @@ def observe_node(
         addresses=node_addresses(node),
         probe=probe,
         node_not_ready=node_not_ready(node),
+        readiness_overruled=not ready and readiness_overruled(pod),
     )
 
 

@@ -241,3 +241,19 @@ def test_a_terminating_pod_on_a_not_ready_node_is_out() -> None:
     raw["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
     going = observe_node(0, raw, LOST_NODE, ProbeResult(True, NOW, 1.0))
     assert not going.probe_wanted and not view_node(spec_of(), going).healthy
+
+
+def test_a_pod_marked_not_ready_by_the_node_controller_is_judged_by_probes_on_a_ready_node() -> None:
+    """After the node is back, the controller's mark stays until the kubelet posts: probes decide meanwhile."""
+    marked = pod(ready="False")
+    marked["status"]["conditions"].append({"type": "ContainersReady", "status": "True"})
+    back = {"metadata": {"name": "node-1"}, "status": {**LOST_NODE["status"], "conditions": []}}
+    passing = observe_node(0, marked, back, ProbeResult(True, NOW, 1.0))
+    assert passing.readiness_overruled and passing.probe_wanted
+    assert view_node(spec_of(), passing).healthy
+    # A kubelet's own verdict (both False) is believed; so is a pod with readiness gates.
+    kubelet = pod(ready="False")
+    kubelet["status"]["conditions"].append({"type": "ContainersReady", "status": "False"})
+    assert not observe_node(0, kubelet, None, ProbeResult(True, NOW, 1.0)).probe_wanted
+    gated = {**marked, "spec": {**marked["spec"], "readinessGates": [{"conditionType": "x"}]}}
+    assert not observe_node(0, gated, None, ProbeResult(True, NOW, 1.0)).probe_wanted
