@@ -234,6 +234,11 @@ class Agent:
         self.pods[uid] = pod
         if running := self.running.get(uid):
             running.pod = pod
+            if uid in self.reported and _ready_condition(pod) != running.ready:
+                # Someone else wrote our pod's readiness (the node lifecycle controller marks pods
+                # not ready when their node went NotReady): as a kubelet, post ours again.
+                self.reported.pop(uid)
+                self._repost.add(uid)
         if pod["metadata"].get("deletionTimestamp"):
             self._terminate(pod)
             return
@@ -388,6 +393,11 @@ class Agent:
                 time.sleep(1)
         for running in self.running.values():
             running.stop(5)
+
+
+def _ready_condition(pod: Obj) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def parse_nodes(values: list[str]) -> dict[str, str]:
