@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 from derpcluster import binaries
+from derpcluster.bundle import CHART
 from derpoperator.metrics import OperatorMetrics
 from derprelay import metrics as relay_metrics
 from prometheus_client import generate_latest
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "derpfleet"
 MONITORING_CRDS = ("PodMonitor", "ServiceMonitor", "PrometheusRule")
 ALL_ON = [
     "--set",
