@@ -99,8 +99,9 @@ cluster-down: setup
 	$(CLUSTER) down
 
 ## e2e: the cluster's own tests, the operator's end-to-end tests, and real Headscale and tailscaled on the map
+## E2E_ARGS="-k real_node" passes pytest options, e.g. to run a subset
 e2e: cluster-build tailnet-build
-	CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/pytest e2e/tests
+	CACHE="$(CACHE)" PATH="$(BIN):$$PATH" $(BIN)/pytest e2e/tests $(E2E_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
