@@ -9,7 +9,8 @@ ordinal.  A relay passes when
   a packet from one to the other, and a ping measures the round trip;
 * a packet from a client on it reaches a client on the next healthy relay of
   the ring: its mesh link forwards.  The sending relay owns that failure,
-  since forwarding is its job.
+  since forwarding is its job, unless the next relay stopped answering
+  meanwhile (see :class:`RegionProbe`).
 
 The probing clients present the region's mesh key when there is one, so
 client admission (``--verify-client-url``) does not turn them away.
@@ -216,11 +217,87 @@ async def _probe_mesh(origin: _Session, destination: _Session) -> None:
     )
 
 
+async def _still_answers(session: _Session) -> bool:
+    """Whether the relay behind a session still answers a ping, after a mesh probe towards it failed."""
+    try:
+        await _ping_rtt(session.receiver)
+    except (TimeoutError, DerpClientError, OSError, frames.ProtocolError):
+        return False
+    return True
+
+
 Clock = Callable[[], datetime.datetime]
 
 
 def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+class RegionProbe:
+    """One probe round over a region, in its two phases.
+
+    :meth:`open` probes every relay on its own; :meth:`probe_mesh` then sends
+    a packet around the ring of those that passed.  A relay can stop between
+    the phases (frozen, killed): the packet towards it is lost, yet the fault
+    is not its sender's.  So a failed hop is blamed on its sender only when
+    the destination still answers a ping; otherwise the destination fails,
+    and a healthy relay never leaves the map for its neighbour's death.
+    """
+
+    def __init__(self, sessions: list[_Session], clock: Clock) -> None:
+        self._sessions = sessions
+        self._failed_alone: dict[int, ProbeResult] = {}
+        self._mesh_failures: dict[int, str] = {}
+        self._clock = clock
+
+    @classmethod
+    async def open(
+        cls, targets: Sequence[ProbeTarget], mesh_key: MeshKey | None, clock: Clock = _utc_now
+    ) -> RegionProbe:
+        """Probe every relay alone, concurrently; keep the sessions of those that passed."""
+        opened = await asyncio.gather(*(_open_session(t, mesh_key) for t in targets), return_exceptions=True)
+        probe = cls([s for s in opened if isinstance(s, _Session)], clock)
+        try:
+            for target, outcome in zip(targets, opened, strict=True):
+                if not isinstance(outcome, _Session):
+                    probe._failed_alone[target.ordinal] = ProbeResult(
+                        False, clock(), message=str(_expected(outcome))
+                    )
+        except BaseException:
+            await probe.close()
+            raise
+        return probe
+
+    async def probe_mesh(self) -> None:
+        """Each relay that passed alone forwards a packet to the next one of the ring."""
+        ring = list(zip(self._sessions, self._sessions[1:] + self._sessions[:1], strict=True))
+        if len(ring) < 2:
+            return
+        outcomes = await asyncio.gather(*(_probe_mesh(a, b) for a, b in ring), return_exceptions=True)
+        failed_hops = [
+            (a, b, _expected(o)) for (a, b), o in zip(ring, outcomes, strict=True) if o is not None
+        ]
+        destinations_alive = await asyncio.gather(*(_still_answers(b) for _, b, _ in failed_hops))
+        for (origin, destination, error), alive in zip(failed_hops, destinations_alive, strict=True):
+            if alive:
+                self._mesh_failures.setdefault(origin.target.ordinal, str(error))
+            else:
+                self._mesh_failures[destination.target.ordinal] = (
+                    f"{destination.target.name} stopped answering during the mesh probe ({error})"
+                )
+
+    def results(self) -> dict[int, ProbeResult]:
+        """The verdict on every target, keyed by ordinal."""
+        results = dict(self._failed_alone)
+        for session in self._sessions:
+            failure = self._mesh_failures.get(session.target.ordinal)
+            results[session.target.ordinal] = ProbeResult(
+                failure is None, self._clock(), rtt_ms=session.rtt_ms, message=failure or ""
+            )
+        return results
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._sessions))
 
 
 async def probe_region(
@@ -230,35 +307,14 @@ async def probe_region(
     mesh: bool,
     clock: Clock = _utc_now,
 ) -> dict[int, ProbeResult]:
-    """Probe every relay concurrently, then the mesh ring among those that passed alone."""
-    opened = await asyncio.gather(*(_open_session(t, mesh_key) for t in targets), return_exceptions=True)
-    sessions = [s for s in opened if isinstance(s, _Session)]
+    """Probe every relay concurrently, then (with ``mesh``) the ring among those that passed alone."""
+    probe = await RegionProbe.open(targets, mesh_key, clock)
     try:
-        results = {
-            target.ordinal: ProbeResult(False, clock(), message=str(_expected(outcome)))
-            for target, outcome in zip(targets, opened, strict=True)
-            if not isinstance(outcome, _Session)
-        }
-        ring = list(zip(sessions, sessions[1:] + sessions[:1], strict=True)) if mesh else []
-        if len(ring) > 1:
-            mesh_outcomes = await asyncio.gather(
-                *(_probe_mesh(a, b) for a, b in ring), return_exceptions=True
-            )
-        else:
-            mesh_outcomes = [None] * len(ring)
-        mesh_failures = {
-            origin.target.ordinal: str(_expected(outcome))
-            for (origin, _), outcome in zip(ring, mesh_outcomes, strict=True)
-            if outcome is not None
-        }
-        for session in sessions:
-            failure = mesh_failures.get(session.target.ordinal)
-            results[session.target.ordinal] = ProbeResult(
-                failure is None, clock(), rtt_ms=session.rtt_ms, message=failure or ""
-            )
+        if mesh:
+            await probe.probe_mesh()
+        return probe.results()
     finally:
-        await asyncio.gather(*(s.close() for s in sessions))
-    return results
+        await probe.close()
 
 
 def _expected(outcome: BaseException | None) -> ProbeError:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from derpoperator.probe import ProbeError, ProbeTarget, probe_region, probe_stun
+from derpoperator.probe import ProbeError, ProbeTarget, RegionProbe, probe_region, probe_stun
 from derprelay.keys import MeshKey
-from relayharness import RelayProcess, free_port, start_pair
+from relayharness import RelayProcess, free_port, start_mesh, start_pair
 
 NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.UTC)
 
@@ -18,7 +19,7 @@ NOW = datetime.datetime(2026, 11, 24, 12, 0, tzinfo=datetime.UTC)
 def target(ordinal: int, relay: RelayProcess, stun: bool = True) -> ProbeTarget:
     return ProbeTarget(
         ordinal=ordinal,
-        name=f"900{'ab'[ordinal]}",
+        name=f"900{'abc'[ordinal]}",
         address="127.0.0.1",
         derp_port=int(relay.url.rsplit(":", 1)[1].split("/")[0]),
         stun_port=int(relay.status["stunPort"]) if stun else None,
@@ -57,6 +58,30 @@ async def test_a_stopped_relay_fails_alone(
     assert results[0].ok, results[0].message
     assert not results[1].ok
     assert results[1].message.startswith("DERP connect on 900b:")
+
+
+async def test_a_relay_frozen_between_the_phases_is_blamed_not_its_neighbour(
+    relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path
+) -> None:
+    """900b stops after passing alone: the hop 900a -> 900b fails, and 900b owns it."""
+    relays = start_mesh(
+        relay_factory, tmp_path, mesh_key_file, [free_port() for _ in range(3)], "--workers", "1"
+    )
+    mesh_key = MeshKey.from_text(mesh_key_file.read_text().strip())
+    probe = await RegionProbe.open([target(i, r) for i, r in enumerate(relays)], mesh_key)
+    try:
+        relays[1].process.send_signal(signal.SIGSTOP)
+        try:
+            await probe.probe_mesh()
+        finally:
+            relays[1].process.send_signal(signal.SIGCONT)
+        results = probe.results()
+    finally:
+        await probe.close()
+    assert results[0].ok, results[0].message
+    assert results[2].ok, results[2].message
+    assert not results[1].ok
+    assert results[1].message.startswith("900b stopped answering during the mesh probe"), results[1].message
 
 
 async def test_relays_that_share_a_key_but_not_a_mesh_fail_the_mesh_probe(

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,21 +243,32 @@ def write_ca_bundle(tmp_path: Path) -> Path:
 def start_pair(
     relay_factory: Callable[..., RelayProcess], tmp_path: Path, mesh_key_file: Path, ports: tuple[int, int]
 ) -> tuple[RelayProcess, RelayProcess]:
+    first, second = start_mesh(relay_factory, tmp_path, mesh_key_file, ports)
+    return first, second
+
+
+def start_mesh(
+    relay_factory: Callable[..., RelayProcess],
+    tmp_path: Path,
+    mesh_key_file: Path,
+    ports: Sequence[int],
+    *extra: str,
+) -> list[RelayProcess]:
+    """Relays named a, b, c… on ``ports``, each meshed with all the others."""
     bundle = write_ca_bundle(tmp_path)
     mesh_with = ",".join(f"127.0.0.1:{port}" for port in ports)
-    relays = []
-    for name, port in zip(("a", "b"), ports, strict=True):
-        relays.append(
-            relay_factory(
-                "-a",
-                f"127.0.0.1:{port}",
-                "--mesh-psk-file",
-                str(mesh_key_file),
-                "--mesh-with",
-                mesh_with,
-                "--mesh-ca-file",
-                str(bundle),
-                name=name,
-            )
+    return [
+        relay_factory(
+            "-a",
+            f"127.0.0.1:{port}",
+            "--mesh-psk-file",
+            str(mesh_key_file),
+            "--mesh-with",
+            mesh_with,
+            "--mesh-ca-file",
+            str(bundle),
+            *extra,
+            name=name,
         )
-    return relays[0], relays[1]
+        for name, port in zip("abcdefgh", ports, strict=False)
+    ]
