@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from derpcluster import LocalCluster, down, up
+from derpcluster import LocalCluster, binaries, down, up
 
 
 @pytest.fixture(scope="session")
@@ -193,21 +193,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def token_kubeconfig(cluster: Any, kubectl: Kubectl, path: Path) -> Path:
+def token_kubeconfig(
+    cluster: Any,
+    kubectl: Kubectl,
+    path: Path,
+    service_account: str = SERVICE_ACCOUNT,
+    namespace: str = OPERATOR_NAMESPACE,
+) -> Path:
     """A kubeconfig that acts as the chart's ServiceAccount: the operator then runs with the chart's RBAC."""
-    token = kubectl(
-        "-n", OPERATOR_NAMESPACE, "create", "token", SERVICE_ACCOUNT, "--duration", "2h"
-    ).stdout.strip()
+    token = kubectl("-n", namespace, "create", "token", service_account, "--duration", "2h").stdout.strip()
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": admin["clusters"],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "users": [{"name": service_account, "user": {"token": token}}],
         "contexts": [
             {
                 "name": "operator",
-                "context": {"cluster": admin["clusters"][0]["name"], "user": SERVICE_ACCOUNT},
+                "context": {"cluster": admin["clusters"][0]["name"], "user": service_account},
             }
         ],
         "current-context": "operator",
@@ -227,10 +231,26 @@ def kubectl(cluster: Any) -> Kubectl:
 
 
 class OperatorProcess:
-    """``derpfleet operator`` as a real process with its own log and HTTP port."""
+    """``derpfleet operator`` as a real process with its own log and HTTP port.
 
-    def __init__(self, cluster: Any, kubeconfig: Path, log_path: Path, identity: str) -> None:
+    ``python`` is the interpreter whose ``derpoperator`` runs (another
+    release's virtualenv, say); ``watch`` limits it to those namespaces and
+    ``map_namespace`` is where it keeps the map and its Lease.
+    """
+
+    def __init__(
+        self,
+        cluster: Any,
+        kubeconfig: Path,
+        log_path: Path,
+        identity: str,
+        *,
+        python: str = sys.executable,
+        map_namespace: str = OPERATOR_NAMESPACE,
+        watch: tuple[str, ...] = (),
+    ) -> None:
         self.cluster, self.kubeconfig, self.log_path, self.identity = cluster, kubeconfig, log_path, identity
+        self.python, self.map_namespace, self.watch = python, map_namespace, watch
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -239,14 +259,15 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
                     "derpoperator.cli",
                     "operator",
                     "--kubeconfig",
                     str(self.kubeconfig),
                     "--map-namespace",
-                    OPERATOR_NAMESPACE,
+                    self.map_namespace,
+                    *(f"--namespace={namespace}" for namespace in self.watch),
                     "--listen",
                     f"127.0.0.1:{self.port}",
                     "--probe-interval",
@@ -303,3 +324,23 @@ def operators(
     """Per test module: operator "a" running (leading); tests may add more.  All stopped at the end, logs shown."""
     with operators_running(cluster, kubectl, tmp_path_factory.mktemp("operators")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def derpprobe() -> Path:
+    """Tailscale's derpprobe from the module e2e/interop pins, where e2e/interop/run caches it."""
+    interop = REPO / "e2e" / "interop"
+    version = binaries.pinned_version(interop, "tailscale.com")
+    path = binaries.cache_dir() / f"tailscale-{version}" / "derpprobe"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name("derpprobe.partial")
+        subprocess.run(
+            ["go", "build", "-o", str(partial), "tailscale.com/cmd/derpprobe"],
+            cwd=interop,
+            env=binaries.go_env(binaries.cache_dir()),
+            check=True,
+            timeout=600,
+        )
+        partial.rename(path)
+    return path
