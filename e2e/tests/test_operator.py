@@ -28,7 +28,6 @@ from conftest import (
     OPERATOR_NAMESPACE,
     PROBE_INTERVAL,
     REGION,
-    REPO,
     WAIT,
     Kubectl,
     OperatorProcess,
@@ -42,7 +41,6 @@ from conftest import (
 )
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from derpcluster import binaries
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import NodePrivateKey
@@ -182,26 +180,6 @@ def test_a_region_comes_up_probed_and_published(
     )
     status, metrics = operators[0].http("/metrics")
     assert 'derpfleet_region_ready{namespace="derp",region="lab"} 1.0' in metrics
-
-
-@pytest.fixture(scope="module")
-def derpprobe() -> Path:
-    """Tailscale's derpprobe from the module e2e/interop pins, where e2e/interop/run caches it."""
-    interop = REPO / "e2e" / "interop"
-    version = binaries.pinned_version(interop, "tailscale.com")
-    path = binaries.cache_dir() / f"tailscale-{version}" / "derpprobe"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name("derpprobe.partial")
-        subprocess.run(
-            ["go", "build", "-o", str(partial), "tailscale.com/cmd/derpprobe"],
-            cwd=interop,
-            env=binaries.go_env(binaries.cache_dir()),
-            check=True,
-            timeout=600,
-        )
-        partial.rename(path)
-    return path
 
 
 def test_derpprobe_reaches_every_relay_of_the_published_map(

@@ -35,6 +35,7 @@ from conftest import (
     Kubectl,
     OperatorProcess,
     condition,
+    free_port,
     pids_naming,
     token_kubeconfig,
     wait_until,
@@ -43,7 +44,7 @@ from derpcluster import LocalCluster, down, images, realnode, up
 from derprelay import frames, stun
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
-from derprelay.keys import NodePrivateKey
+from derprelay.keys import MeshKey, NodePrivateKey
 
 HOST_PORT = 18080
 """Bound by portmap in the node's namespace only; the test also listens on it at 127.0.0.1."""
@@ -308,6 +309,139 @@ def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
     cluster.kubectl("delete", "pod", "relay", "--wait=true", "--timeout=60s")
 
 
+PEER_HOST = "peer.derpcluster.test"
+"""A relay of the test's own, on the host end of the node's link, that the pod's relay learns to mesh with."""
+
+
+def meshed_relay_pod(cert_secret: str, mesh_secret: str, peers_configmap: str) -> dict[str, Any]:
+    """:func:`relay_pod` with a mesh key from a Secret and its peers from a ConfigMap, as the operator mounts them."""
+    pod = relay_pod(cert_secret)
+    container = pod["spec"]["containers"][0]
+    container["args"] += [
+        *("--mesh-psk-file", "/etc/derp/mesh/key", "--mesh-with-file", "/etc/derp/peers/peers"),
+        "--mesh-tls-insecure",  # the peer's certificate is a throwaway self-signed one
+    ]
+    container["volumeMounts"] += [
+        {"name": "mesh", "mountPath": "/etc/derp/mesh", "readOnly": True},
+        {"name": "peers", "mountPath": "/etc/derp/peers", "readOnly": True},
+    ]
+    pod["spec"]["volumes"] += [
+        {"name": "mesh", "secret": {"secretName": mesh_secret, "defaultMode": 0o440}},
+        {"name": "peers", "configMap": {"name": peers_configmap}},
+    ]
+    return pod
+
+
+async def deliver_until_received(
+    sender_url: str, sender_pin: str, receiver_url: str, receiver_pin: str
+) -> None:
+    """A client of one relay sends (again every half second) until a client of the other receives."""
+    keys = [NodePrivateKey.generate(), NodePrivateKey.generate()]
+    sender = await connect(Endpoint(sender_url, cert_name=sender_pin), keys[0])
+    receiver = await connect(Endpoint(receiver_url, cert_name=receiver_pin), keys[1])
+    try:
+
+        async def resend() -> None:
+            while True:
+                await sender.send(keys[1].public, b"across the mesh")
+                await asyncio.sleep(0.5)
+
+        sending = asyncio.create_task(resend())
+        try:
+            got = await asyncio.wait_for(receiver.recv_packet(), 150)
+        finally:
+            sending.cancel()
+        assert got.packet == b"across the mesh"
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+def test_the_relay_follows_its_mesh_peers_when_the_kubelet_updates_the_configmap(
+    real: tuple[LocalCluster, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The kubelet swaps a ConfigMap volume's ``..data`` symlink; the relay re-reads the file and dials."""
+    cluster, _ = real
+    mesh_key = MeshKey.generate().text()
+    material = generate_self_signed(RELAY_HOST)
+    key_file = tmp_path / "mesh.key"
+    key_file.write_text(mesh_key)
+    peer_port = free_port()
+    status_file = tmp_path / "peer-status.json"
+    peer = subprocess.Popen(
+        [
+            *("derp-relay", "-a", f"{realnode.HOST_IP}:{peer_port}", "--stun-port", "0"),
+            *(
+                "--hostname",
+                PEER_HOST,
+                "--certdir",
+                str(tmp_path / "certs"),
+                "-c",
+                str(tmp_path / "peer.key"),
+            ),
+            *("--mesh-psk-file", str(key_file), "--mesh-with", f"{RELAY_HOST}:443/{realnode.NODE_IP}"),
+            *("--mesh-tls-insecure", "--status-file", str(status_file), "--workers", "1"),
+        ],
+        stdout=(tmp_path / "peer.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": "meshed-tls", "namespace": "default"},
+            "data": {
+                "tls.crt": base64.b64encode(material.cert_pem).decode(),
+                "tls.key": base64.b64encode(material.key_pem).decode(),
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "meshed-key", "namespace": "default"},
+            "stringData": {"key": mesh_key},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "meshed-peers", "namespace": "default"},
+            "data": {"peers": f"{RELAY_HOST}:443\n"},
+        },
+        meshed_relay_pod("meshed-tls", "meshed-key", "meshed-peers"),
+    ]
+    try:
+        cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in objects))
+        wait_until("the peer relay's status file", status_file.exists)
+        peer_pin = json.loads(status_file.read_text())["certName"]
+        wait_until(
+            "the meshed relay pod Ready",
+            lambda: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in get(cluster, "pod", "relay")["status"].get("conditions", [])
+            ),
+            timeout=120,
+        )
+        peers = f"{RELAY_HOST}:443\n{PEER_HOST}:{peer_port}/{realnode.HOST_IP}\n"
+        cluster.kubectl(
+            "patch", "configmap", "meshed-peers", "--type=merge", "-p", json.dumps({"data": {"peers": peers}})
+        )
+        # Only the pod's relay dialling the peer (after re-reading the file) tells it where this receiver is.
+        asyncio.run(
+            deliver_until_received(
+                f"https://{realnode.NODE_IP}:443/derp",
+                material.cert_name,
+                f"https://{realnode.HOST_IP}:{peer_port}/derp",
+                peer_pin,
+            )
+        )
+        assert PEER_HOST in cluster.kubectl("logs", "relay").stdout
+    finally:
+        cluster.kubectl("delete", "pod", "relay", "--wait=true", "--timeout=60s", check=False)
+        peer.terminate()
+        peer.wait(30)
+
+
 REGION = {
     "apiVersion": "derpfleet.io/v1alpha1",
     "kind": "DerpRegion",
@@ -334,7 +468,7 @@ async def restarting_frame_on_delete(
 
 
 def test_the_operators_relay_runs_from_its_image_on_the_real_node(
-    real: tuple[LocalCluster, dict[str, Any]], tmp_path: Path
+    real: tuple[LocalCluster, dict[str, Any]], tmp_path: Path, derpprobe: Path
 ) -> None:
     """The operator's own rendering, image and probes on a real kubelet: nothing the fake node hid."""
     cluster, _ = real
@@ -365,6 +499,20 @@ def test_the_operators_relay_runs_from_its_image_on_the_real_node(
         assert (str(response.address), response.port) == sent_from
         published = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]
         url = f"https://{published['IPv4']}:{published.get('DERPPort', 443)}/derp"
+        # Tailscale's derpprobe on the operator's published map: STUN through the hostPort (its TLS
+        # probe wants a DNS-named node, as in test_operator.py).
+        probe = subprocess.run(
+            [
+                *(str(derpprobe), "-once", "-spread=false"),
+                *("-derp-map", f"http://127.0.0.1:{operator.port}/derpmap.json"),
+                *("-interval", "20s", "-stun-interval", "20s", "-tls-interval", "0", "-mesh-interval", "0"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert probe.returncode == 0 and "good: derp/real/950a/udp" in probe.stderr, probe.stderr
         asyncio.run(relay_a_packet(url, published["CertName"]))
         restarting = asyncio.run(restarting_frame_on_delete(cluster, url, published["CertName"], pod))
         assert restarting.reconnect_in_ms > 0
