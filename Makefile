@@ -58,7 +58,7 @@ bench: setup
 
 ## bench-smoke: a few seconds of the benchmark, both relays, and of bench/hotpath.py and bench/workerpath.py (checks delivery, not speed)
 bench-smoke: setup
-	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -warmup 300ms -duration 1s -idle 20
+	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -peers 3 -sweep 1,2 -warmup 300ms -duration 1s -idle 20
 	$(BIN)/python bench/hotpath.py --packets 2000 --repeats 1
 	PATH="$(BIN):$$PATH" $(BIN)/python bench/workerpath.py --seconds 0.5
 
