@@ -41,8 +41,9 @@ const timestampLen = 8
 const lossTimeout = 50 * time.Millisecond
 
 // loadParams is one cell: its shape, the sender→receiver pairs of a cell
-// without peers, the packets each sender may have in flight (0: no limit),
-// how long to measure.
+// without peers, the packets each pair may have in flight (0: no limit; a
+// ring shares the pairs' packets in flight among its senders), how long to
+// measure.
 type loadParams struct {
 	shape    cellShape
 	pairs    int
@@ -69,6 +70,18 @@ func (p loadParams) topology() (clients int, flows []flow) {
 		flows = append(flows, flow{2 * i, 2*i + 1})
 	}
 	return 2 * p.pairs, flows
+}
+
+// flowWindow is the packets each sender may have in flight. A ring shares
+// the pairs' packets in flight among its senders (at least one each): the
+// relay then holds the same load over more connections, and with 100 peers
+// at the pairs' window each, queues outlast lossTimeout and senders writing
+// packets off as lost would flood it.
+func (p loadParams) flowWindow() int {
+	if p.shape.Peers == 0 || p.window <= 0 {
+		return p.window
+	}
+	return max(1, (p.pairs*p.window+p.shape.Peers/2)/p.shape.Peers)
 }
 
 // cellResult is what one cell measured on one relay.
@@ -207,7 +220,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 
 	for _, f := range flows {
 		from, to := clients[f.from], clients[f.to]
-		credit := newCredit(p.window)
+		credit := newCredit(p.flowWindow())
 		receivers.Go(func() {
 			for {
 				m, err := to.Recv()

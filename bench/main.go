@@ -35,6 +35,7 @@ func main() {
 		duration    = flag.Duration("duration", 5*time.Second, "measurement window per cell")
 		rounds      = flag.Int("rounds", 3, "rounds per server (interleaved: ours, derper, ours, …)")
 		idle        = flag.String("idle", "10000,50000", "idle connection counts for the RSS figures, lowered to what RLIMIT_NOFILE allows (empty: none)")
+		idleRounds  = flag.Int("idle-rounds", 1, "how many of the first rounds measure the idle levels (minutes each at 50k)")
 		relayCPU    = flag.Int("relay-cpu", 0, "CPU both relays are pinned to")
 		relayCPUs   = flag.String("relay-cpus", "", "CPUs both relays are pinned to, a taskset list such as 0,1 (overrides -relay-cpu)")
 		workers     = flag.Int("relay-workers", 0, "derp-relay's --workers (0: its default, one per CPU it is pinned to)")
@@ -66,7 +67,7 @@ func main() {
 	cfg := config{
 		Pairs: *pairs, Window: *window, WarmupSec: warmup.Seconds(), DurationSec: duration.Seconds(),
 		Rounds: *rounds, RelayCPU: *relayCPU, RelayCPUs: *relayCPUs, RelayWorkers: *workers, LoadCPU: *loadCPU,
-		PeersSize: *peersSize, SweepSize: *sweepSize,
+		PeersSize: *peersSize, SweepSize: *sweepSize, IdleRounds: min(*idleRounds, *rounds),
 	}
 	if cfg.RelayCPUs == "" {
 		cfg.RelayCPUs = strconv.Itoa(cfg.RelayCPU)
@@ -167,7 +168,7 @@ func measure(ctx context.Context, cfg config, specs []serverSpec, profileDir, pr
 			if round == 1 && spec.kind == ours {
 				profile = profileDir
 			}
-			run, err := measureServer(ctx, cfg, spec, cert, profile, profileFmt, prefix)
+			run, err := measureServer(ctx, cfg, spec, cert, round <= cfg.IdleRounds, profile, profileFmt, prefix)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", prefix, err)
 			}
@@ -179,13 +180,13 @@ func measure(ctx context.Context, cfg config, specs []serverSpec, profileDir, pr
 	return r, nil
 }
 
-// measureServer is one round of one server: the idle levels, the cells on
-// the run's relay CPUs (profiled when profileDir is set), then the workers
-// sweep, each on a fresh relay.
-func measureServer(ctx context.Context, cfg config, spec serverSpec, cert *benchCert, profileDir, profileFmt, prefix string) (serverRun, error) {
+// measureServer is one round of one server: the idle levels (withIdle), the
+// cells on the run's relay CPUs (profiled when profileDir is set), then the
+// workers sweep, each on a fresh relay.
+func measureServer(ctx context.Context, cfg config, spec serverSpec, cert *benchCert, withIdle bool, profileDir, profileFmt, prefix string) (serverRun, error) {
 	run := serverRun{Server: spec.kind}
 	var err error
-	if len(cfg.Idle) > 0 {
+	if withIdle && len(cfg.Idle) > 0 {
 		if run.Idle, err = idleRound(ctx, spec, cert, cfg.Idle); err != nil {
 			return run, fmt.Errorf("idle: %w", err)
 		}

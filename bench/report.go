@@ -29,7 +29,10 @@ type config struct {
 	DurationSec float64 `json:"durationSec"`
 	Rounds      int     `json:"rounds"`
 	Idle        []int   `json:"idle"`
-	RelayCPU    int     `json:"relayCpu"`
+	// IdleRounds is how many of the first rounds measure the idle levels
+	// (0, in older results: every round).
+	IdleRounds int `json:"idleRounds,omitempty"`
+	RelayCPU   int `json:"relayCpu"`
 	// RelayCPUs and RelayWorkers: where relays ran and derp-relay's --workers (0: its default).
 	RelayCPUs    string `json:"relayCpus,omitempty"`
 	RelayWorkers int    `json:"relayWorkers,omitempty"`
@@ -93,9 +96,12 @@ func (r *results) summarise() {
 				OtherCPU:         at(func(c cellResult) float64 { return c.OtherCPU }),
 			})
 		}
-		for i, idle := range runs[0].Idle {
-			rss := medianOf(runs, func(run serverRun) float64 { return float64(run.Idle[i].RSSBytes) })
-			m.Idle = append(m.Idle, idleResult{Conns: idle.Conns, RSSBytes: int64(rss)})
+		idleRuns := slices.DeleteFunc(slices.Clone(runs), func(run serverRun) bool { return len(run.Idle) == 0 })
+		if len(idleRuns) > 0 {
+			for i, idle := range idleRuns[0].Idle {
+				rss := medianOf(idleRuns, func(run serverRun) float64 { return float64(run.Idle[i].RSSBytes) })
+				m.Idle = append(m.Idle, idleResult{Conns: idle.Conns, RSSBytes: int64(rss)})
+			}
 		}
 		r.Median[kind] = m
 	}
@@ -375,6 +381,9 @@ func (c config) dimensionsNote() string {
 	if len(c.SweepWorkers) > 0 {
 		fmt.Fprintf(&b, " Workers sweep: derp-relay --workers N and derper pinned to the first N CPUs, N in %v, at %s;"+
 			" CPU and RSS are all of a relay's processes.", c.SweepWorkers, sizeLabel(c.SweepSize))
+	}
+	if len(c.Idle) > 0 && c.IdleRounds > 0 && c.IdleRounds < c.Rounds {
+		fmt.Fprintf(&b, " Idle levels in the first %d round(s) only (the slowest part, and the steadiest figure).", c.IdleRounds)
 	}
 	if c.IdleAsked != nil {
 		fmt.Fprintf(&b, " Idle levels %v were asked for; RLIMIT_NOFILE %d (not raisable here) allowed %v.",

@@ -50,6 +50,17 @@ func TestTopology(t *testing.T) {
 	}
 }
 
+func TestFlowWindow(t *testing.T) {
+	for _, tc := range []struct{ peers, window, want int }{
+		{0, 32, 32}, {10, 32, 13}, {100, 32, 1}, {300, 32, 1}, {100, 0, 0},
+	} {
+		p := loadParams{shape: cellShape{Size: 64, Peers: tc.peers}, pairs: 4, window: tc.window}
+		if got := p.flowWindow(); got != tc.want {
+			t.Errorf("%d peers, window %d for 4 pairs: %d each, want %d", tc.peers, tc.window, got, tc.want)
+		}
+	}
+}
+
 func TestParseWorkers(t *testing.T) {
 	got, err := parseWorkers("cores, 1,2", 2)
 	if err != nil || !slices.Equal(got, []int{1, 2}) {
@@ -85,13 +96,20 @@ func TestSummariseTakesMedianPerShape(t *testing.T) {
 	cfg := testConfig()
 	peers := cellShape{Size: 1200, Peers: 100}
 	r := &results{Config: cfg}
-	for _, pps := range []float64{100, 300, 200} {
-		r.Runs = append(r.Runs, testRun(ours, map[cellShape]float64{peers: pps}, nil, 30))
+	for i, pps := range []float64{100, 300, 200} {
+		run := testRun(ours, map[cellShape]float64{peers: pps}, nil, int64(30+i))
+		if i > 0 { // idle levels in the first round only (-idle-rounds 1)
+			run.Idle = nil
+		}
+		r.Runs = append(r.Runs, run)
 	}
 	r.summarise()
-	c, ok := r.Median[ours].cell(peers)
-	if !ok || c.PacketsPerSec != 200 {
-		t.Fatalf("median of the 100 peers cell: %v (found %v), want 200", c.PacketsPerSec, ok)
+	m := r.Median[ours]
+	if c, ok := m.cell(peers); !ok || c.PacketsPerSec != 200 {
+		t.Errorf("median of the 100 peers cell: %v (found %v), want 200", c.PacketsPerSec, ok)
+	}
+	if len(m.Idle) != 2 || m.Idle[1].RSSBytes != 40<<20+10000*30<<10 {
+		t.Errorf("idle median of the one round that measured it: %+v", m.Idle)
 	}
 }
 
