@@ -65,7 +65,7 @@ bench-smoke: setup
 ## bench-profile: py-spy flame graphs of derp-relay under the benchmark's load, in bench/profile/
 bench-profile: setup
 	$(BIN)/pip install --quiet py-spy
-	$(BENCH) -rounds 1 -idle '' -profile profile $(BENCH_ARGS)
+	$(BENCH) -rounds 1 -idle '' -sweep '' -profile profile $(BENCH_ARGS)
 
 ## chart-crds: copy the CRD (crds/ is its single source) into the Helm chart
 chart-crds:

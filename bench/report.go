@@ -340,8 +340,8 @@ func (r *results) writeMarkdown(path string, notes string) error {
 	fmt.Fprintln(&b, "## Every figure")
 	fmt.Fprintln(&b)
 	fmt.Fprintf(&b, "Median of %d interleaved rounds per server (derp-relay, derper, derp-relay, …). "+
-		"Each cell: %d derphttp sender→receiver pairs flood packets of one size for %.0f s "+
-		"(after %.0f s warm-up) over TLS, while one more pair sends a timestamped probe every %v "+
+		"Each cell: %d derphttp sender→receiver pairs flood packets of one size for %g s "+
+		"(after %g s warm-up) over TLS, while one more pair sends a timestamped probe every %v "+
 		"for the latency figures. Relays pinned to CPU %s, the load generator to CPU %d.%s%s\n\n",
 		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.relayCPUs(), c.LoadCPU, c.workersNote(), c.dimensionsNote())
 	writeTable(&b, c, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
@@ -375,7 +375,7 @@ func (c config) relayCPUs() string {
 func (c config) dimensionsNote() string {
 	var b strings.Builder
 	if len(c.Peers) > 0 {
-		fmt.Fprintf(&b, " Peers cells: %v clients at %s in a ring, each sending to the next with the same window.",
+		fmt.Fprintf(&b, " Peers cells: %v clients at %s in a ring, each sending to the next, sharing the pairs' packets in flight.",
 			c.Peers, sizeLabel(c.PeersSize))
 	}
 	if len(c.SweepWorkers) > 0 {
