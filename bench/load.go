@@ -105,6 +105,9 @@ type cellResult struct {
 	// OtherCPU is the cores everything else on the machine used in the
 	// window (the machine may be shared): the noise under these figures.
 	OtherCPU float64 `json:"otherCpu"`
+	// Processes is how many processes the relay's CPU and RSS were summed
+	// over (derp-relay --workers N: the supervisor and N workers).
+	Processes int `json:"processes,omitempty"`
 }
 
 // regionOf is a one-node DERP region for srv, pinned to the bench certificate.
@@ -256,6 +259,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 	sleepCtx(ctx, p.duration)
 	r1, b1 := received.Load(), receivedBytes.Load()
 	cpu1, err3 := srv.cpuSeconds()
+	res.Processes = len(processTree(srv.cmd.Process.Pid))
 	own1, err4 := procCPUSeconds(os.Getpid())
 	all1, err6 := machineBusySeconds()
 	elapsed := time.Since(t0)

@@ -246,10 +246,10 @@ func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", shape.label(), err)
 		}
-		log.Printf("%s %-7s %8.0f pkt/s %8.1f Mbit/s  drops %5.2f%%  p50/p99 %.2f/%.2f ms (idle %.3f/%.3f)  %.2f CPU s/Mpkt  (load generator %.0f%%, others %.0f%% CPU)",
+		log.Printf("%s %-7s %8.0f pkt/s %8.1f Mbit/s  drops %5.2f%%  p50/p99 %.2f/%.2f ms (idle %.3f/%.3f)  %.2f CPU s/Mpkt of %d process(es)  (load generator %.0f%%, others %.0f%% CPU)",
 			prefix, shape.label(), cell.PacketsPerSec, cell.MbitPerSec, cell.DropPercent,
 			cell.LatencyP50Ms, cell.LatencyP99Ms, cell.IdleLatencyP50Ms, cell.IdleLatencyP99Ms,
-			cell.CPUSecPerMpkt, 100*cell.LoadgenCPU, 100*cell.OtherCPU)
+			cell.CPUSecPerMpkt, cell.Processes, 100*cell.LoadgenCPU, 100*cell.OtherCPU)
 		cells = append(cells, cell)
 	}
 	return cells, nil

@@ -94,6 +94,7 @@ func (r *results) summarise() {
 				CPUSecPerMpkt:    at(func(c cellResult) float64 { return c.CPUSecPerMpkt }),
 				LoadgenCPU:       at(func(c cellResult) float64 { return c.LoadgenCPU }),
 				OtherCPU:         at(func(c cellResult) float64 { return c.OtherCPU }),
+				Processes:        cell.Processes,
 			})
 		}
 		idleRuns := slices.DeleteFunc(slices.Clone(runs), func(run serverRun) bool { return len(run.Idle) == 0 })
