@@ -58,14 +58,14 @@ bench: setup
 
 ## bench-smoke: a few seconds of the benchmark, both relays, and of bench/hotpath.py and bench/workerpath.py (checks delivery, not speed)
 bench-smoke: setup
-	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -warmup 300ms -duration 1s -idle 20
+	$(BENCH) -smoke -rounds 1 -pairs 2 -sizes 1200 -peers 3 -sweep 1,2 -warmup 300ms -duration 1s -idle 20
 	$(BIN)/python bench/hotpath.py --packets 2000 --repeats 1
 	PATH="$(BIN):$$PATH" $(BIN)/python bench/workerpath.py --seconds 0.5
 
 ## bench-profile: py-spy flame graphs of derp-relay under the benchmark's load, in bench/profile/
 bench-profile: setup
 	$(BIN)/pip install --quiet py-spy
-	$(BENCH) -rounds 1 -idle '' -profile profile $(BENCH_ARGS)
+	$(BENCH) -rounds 1 -idle '' -sweep '' -profile profile $(BENCH_ARGS)
 
 ## chart-crds: copy the CRD (crds/ is its single source) into the Helm chart
 chart-crds:

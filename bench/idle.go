@@ -5,8 +5,11 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"log"
 	"net"
+	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"tailscale.com/derp"
@@ -18,9 +21,16 @@ import (
 const idleDialers = 32
 
 // idleSources spreads idle connections over this many loopback source
-// addresses (127.0.1.1 ...), so 10k connections per round, several rounds
-// in a row, never run out of ephemeral ports (TIME_WAIT lasts a minute).
+// addresses (127.0.1.1 ...): a dial bound to an address takes a port of that
+// address's own ~28k ephemeral ports, so 50k connections per round (780 per
+// address), several rounds in a row, never run out of ports (the closed
+// ones stay in TIME_WAIT for a minute).
 const idleSources = 64
+
+// idleFDSlack is the descriptors a relay and this load generator need
+// besides their idle connections (listeners, pipes, the clients of a cell,
+// the files of the Python runtime).
+const idleFDSlack = 500
 
 // idleDialTimeout bounds one idle connection's TCP, TLS and DERP handshakes.
 const idleDialTimeout = 30 * time.Second
@@ -38,6 +48,35 @@ const upgradeRequest = "GET /derp HTTP/1.1\r\nHost: " + benchHost + "\r\n" +
 type idleResult struct {
 	Conns    int   `json:"conns"`
 	RSSBytes int64 `json:"rssBytes"`
+}
+
+// raiseNoFileLimit lifts this process's descriptor limit (RLIMIT_NOFILE) to
+// its hard limit, which the relays it starts inherit, and returns it.
+func raiseNoFileLimit() (uint64, error) {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return 0, err
+	}
+	l.Cur = l.Max
+	return l.Max, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+}
+
+// fitIdleLevels lowers the idle levels (ascending) that a process limited
+// to limit descriptors cannot hold, to the largest thousand it can: derper
+// and a derp-relay worker hold all their connections in one process, and
+// raising the hard limit needs CAP_SYS_RESOURCE. asked is the levels as
+// given when any was lowered, else nil.
+func fitIdleLevels(levels []int, limit uint64) (fitted, asked []int) {
+	most := int(min(limit, 1<<30)) - idleFDSlack
+	most = max(most-most%1000, 1)
+	for _, n := range levels {
+		fitted = append(fitted, min(n, most))
+	}
+	fitted = slices.Compact(fitted)
+	if !slices.Equal(fitted, levels) {
+		asked = levels
+	}
+	return fitted, asked
 }
 
 // idleConns holds connections that finished the DERP handshake and then say
@@ -158,9 +197,11 @@ func measureIdle(ctx context.Context, srv *server, cert *benchCert, levels []int
 	}
 	out := []idleResult{{Conns: 0, RSSBytes: base}}
 	for _, n := range levels {
+		start := time.Now()
 		if err := idle.growTo(ctx, srv.addr(), cfg, n); err != nil {
 			return out, err
 		}
+		log.Printf("%s: %d idle connections up in %.1f s", srv.spec.kind, n, time.Since(start).Seconds())
 		sleepCtx(ctx, idleSettle)
 		rss, err := srv.rssBytes()
 		if err != nil {

@@ -40,19 +40,53 @@ const timestampLen = 8
 // counts its oldest packet as dropped and sends anyway.
 const lossTimeout = 50 * time.Millisecond
 
-// loadParams is one cell: packet size, client pairs, the packets each pair
-// may have in flight (0: no limit), how long to measure.
+// loadParams is one cell: its shape, the sender→receiver pairs of a cell
+// without peers, the packets each pair may have in flight (0: no limit; a
+// ring shares the pairs' packets in flight among its senders), how long to
+// measure.
 type loadParams struct {
-	size     int
+	shape    cellShape
 	pairs    int
 	window   int
 	warmup   time.Duration
 	duration time.Duration
 }
 
+// flow is one sender and its receiver, as indexes into the cell's clients.
+type flow struct{ from, to int }
+
+// topology is how many clients a cell connects and who sends to whom:
+// pairs (0→1, 2→3, …), or a ring of peers (0→1, 1→2, …, n-1→0), where every
+// client both sends and receives. No client receives from two senders, so
+// its window is the only limit on its queue in the relay.
+func (p loadParams) topology() (clients int, flows []flow) {
+	if n := p.shape.Peers; n > 0 {
+		for i := range n {
+			flows = append(flows, flow{i, (i + 1) % n})
+		}
+		return n, flows
+	}
+	for i := range p.pairs {
+		flows = append(flows, flow{2 * i, 2*i + 1})
+	}
+	return 2 * p.pairs, flows
+}
+
+// flowWindow is the packets each sender may have in flight. A ring shares
+// the pairs' packets in flight among its senders (at least one each): the
+// relay then holds the same load over more connections, and with 100 peers
+// at the pairs' window each, queues outlast lossTimeout and senders writing
+// packets off as lost would flood it.
+func (p loadParams) flowWindow() int {
+	if p.shape.Peers == 0 || p.window <= 0 {
+		return p.window
+	}
+	return max(1, (p.pairs*p.window+p.shape.Peers/2)/p.shape.Peers)
+}
+
 // cellResult is what one cell measured on one relay.
 type cellResult struct {
-	Size          int     `json:"size"`
+	cellShape
 	Sent          int64   `json:"sent"`
 	Received      int64   `json:"received"`
 	PacketsPerSec float64 `json:"packetsPerSec"`
@@ -71,6 +105,9 @@ type cellResult struct {
 	// OtherCPU is the cores everything else on the machine used in the
 	// window (the machine may be shared): the noise under these figures.
 	OtherCPU float64 `json:"otherCpu"`
+	// Processes is how many processes the relay's CPU and RSS were summed
+	// over (derp-relay --workers N: the supervisor and N workers).
+	Processes int `json:"processes,omitempty"`
 }
 
 // regionOf is a one-node DERP region for srv, pinned to the bench certificate.
@@ -90,31 +127,16 @@ func regionOf(srv *server, cert *benchCert) *tailcfg.DERPRegion {
 	}
 }
 
-// clientPair is a derphttp sender and receiver, connected the way
-// magicsock connects to its home region.
-type clientPair struct {
-	from, to *derphttp.Client
-}
-
-func connectPair(ctx context.Context, region *tailcfg.DERPRegion) (clientPair, error) {
-	var p clientPair
-	for _, c := range []**derphttp.Client{&p.from, &p.to} {
-		*c = derphttp.NewRegionClient(key.NewNode(), logger.Discard, netmon.NewStatic(),
-			func() *tailcfg.DERPRegion { return region })
-		if err := (*c).Connect(ctx); err != nil {
-			p.close()
-			return p, err
-		}
+// connectClient connects a derphttp client the way magicsock connects to
+// its home region.
+func connectClient(ctx context.Context, region *tailcfg.DERPRegion) (*derphttp.Client, error) {
+	c := derphttp.NewRegionClient(key.NewNode(), logger.Discard, netmon.NewStatic(),
+		func() *tailcfg.DERPRegion { return region })
+	if err := c.Connect(ctx); err != nil {
+		c.Close()
+		return nil, err
 	}
-	return p, nil
-}
-
-func (p clientPair) close() {
-	for _, c := range []*derphttp.Client{p.from, p.to} {
-		if c != nil {
-			c.Close()
-		}
-	}
+	return c, nil
 }
 
 // awaitServerInfo reads up to the ServerInfo frame: from then on the relay
@@ -132,30 +154,31 @@ func awaitServerInfo(c *derphttp.Client) error {
 }
 
 // runCell measures one cell: a paced probe pair alone for the warm-up time
-// (idle latency), then p.pairs senders flooding for warmup+duration with
+// (idle latency), then the cell's senders flooding for warmup+duration with
 // the probe still running; throughput and CPU count over the window only.
 func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (cellResult, error) {
-	res := cellResult{Size: p.size}
+	res := cellResult{cellShape: p.shape}
 	region := regionOf(srv, cert)
-	pairs := make([]clientPair, 0, p.pairs+1)
+	n, flows := p.topology()
+	clients := make([]*derphttp.Client, 0, n+2)
 	defer func() {
-		for _, pair := range pairs {
-			pair.close()
+		for _, c := range clients {
+			c.Close()
 		}
 	}()
-	for range p.pairs + 1 { // the last pair is the latency probe
-		pair, err := connectPair(ctx, region)
+	for range n + 2 { // the last two are the latency probe's sender and receiver
+		c, err := connectClient(ctx, region)
 		if err != nil {
 			return res, fmt.Errorf("connecting clients: %w", err)
 		}
-		pairs = append(pairs, pair)
+		clients = append(clients, c)
 	}
-	for _, pair := range pairs {
-		if err := awaitServerInfo(pair.to); err != nil {
+	probe := flow{n, n + 1}
+	for _, f := range append(flows, probe) {
+		if err := awaitServerInfo(clients[f.to]); err != nil {
 			return res, fmt.Errorf("handshake: %w", err)
 		}
 	}
-	flood, probe := pairs[:p.pairs], pairs[p.pairs]
 
 	var sent, received, receivedBytes atomic.Int64
 	var stop atomic.Bool
@@ -166,7 +189,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 
 	receivers.Go(func() {
 		for {
-			m, err := probe.to.Recv()
+			m, err := clients[probe.to].Recv()
 			if err != nil {
 				return
 			}
@@ -182,14 +205,14 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 		}
 	})
 	senders.Go(func() {
-		pkt := make([]byte, max(p.size, timestampLen))
-		dst := probe.to.SelfPublicKey()
+		pkt := make([]byte, max(p.shape.Size, timestampLen))
+		from, dst := clients[probe.from], clients[probe.to].SelfPublicKey()
 		tick := time.NewTicker(probeInterval)
 		defer tick.Stop()
 		for !stop.Load() {
 			<-tick.C
 			binary.BigEndian.PutUint64(pkt, uint64(time.Since(epoch)))
-			if probe.from.Send(dst, pkt) != nil {
+			if from.Send(dst, pkt) != nil {
 				return
 			}
 		}
@@ -198,11 +221,12 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 	sleepCtx(ctx, p.warmup)
 	idleWindow := [2]time.Duration{probeInterval, time.Since(epoch)}
 
-	for _, pair := range flood {
-		credit := newCredit(p.window)
+	for _, f := range flows {
+		from, to := clients[f.from], clients[f.to]
+		credit := newCredit(p.flowWindow())
 		receivers.Go(func() {
 			for {
-				m, err := pair.to.Recv()
+				m, err := to.Recv()
 				if err != nil {
 					return
 				}
@@ -213,12 +237,12 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 				}
 			}
 		})
-		dst := pair.to.SelfPublicKey()
+		dst := to.SelfPublicKey()
 		senders.Go(func() {
-			pkt := make([]byte, p.size)
+			pkt := make([]byte, p.shape.Size)
 			for !stop.Load() {
 				credit.take()
-				if pair.from.Send(dst, pkt) != nil {
+				if from.Send(dst, pkt) != nil {
 					return
 				}
 				sent.Add(1)
@@ -235,6 +259,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 	sleepCtx(ctx, p.duration)
 	r1, b1 := received.Load(), receivedBytes.Load()
 	cpu1, err3 := srv.cpuSeconds()
+	res.Processes = len(processTree(srv.cmd.Process.Pid))
 	own1, err4 := procCPUSeconds(os.Getpid())
 	all1, err6 := machineBusySeconds()
 	elapsed := time.Since(t0)
@@ -246,11 +271,11 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 
 	senders.Wait()
 	drain(&received)
-	for _, pair := range pairs {
-		pair.close()
+	for _, c := range clients {
+		c.Close()
 	}
 	receivers.Wait()
-	pairs = nil
+	clients = nil
 	if err := srv.alive(); err != nil {
 		return res, err
 	}

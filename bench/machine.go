@@ -34,17 +34,7 @@ func describeMachine(relayBinary, derperBinary string) machine {
 		Date:    time.Now().UTC().Format("2006-01-02 15:04 UTC"),
 		Loadgen: "tailscale.com/derp/derphttp clients (" + tailscaleVersion() + ")",
 	}
-	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for line := range strings.Lines(string(data)) {
-			name, value, _ := strings.Cut(line, ":")
-			switch strings.TrimSpace(name) {
-			case "model name":
-				m.CPU = strings.TrimSpace(value)
-			case "processor":
-				m.Cores++
-			}
-		}
-	}
+	m.CPU, m.Cores = cpuInfo()
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = "Linux " + strings.TrimSpace(string(data))
 	}
@@ -63,6 +53,31 @@ func describeMachine(relayBinary, derperBinary string) machine {
 	}
 	m.Commit = commit
 	return m
+}
+
+// cpuInfo is the CPU's model name and the machine's cores, from /proc/cpuinfo
+// (every core, not only those this process may use: bench/run pins it to one).
+func cpuInfo() (model string, cores int) {
+	data, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "", 0
+	}
+	for line := range strings.Lines(string(data)) {
+		name, value, _ := strings.Cut(line, ":")
+		switch strings.TrimSpace(name) {
+		case "model name":
+			model = strings.TrimSpace(value)
+		case "processor":
+			cores++
+		}
+	}
+	return model, cores
+}
+
+// machineCores is the number of cores of the machine, at least 1.
+func machineCores() int {
+	_, cores := cpuInfo()
+	return max(cores, 1)
 }
 
 func (m machine) writeMarkdown(w io.Writer) {

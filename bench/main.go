@@ -26,11 +26,16 @@ func main() {
 		derperBin   = flag.String("derper", os.Getenv("DERPER"), "Tailscale's derper binary")
 		pairs       = flag.Int("pairs", 4, "sender→receiver client pairs per cell")
 		window      = flag.Int("window", 32, "packets each pair may have in flight (0: flood without limit)")
-		sizes       = flag.String("sizes", "64,1200,16384", "packet sizes in bytes, comma-separated")
+		sizes       = flag.String("sizes", "64,570,1200,16384", "packet sizes in bytes, comma-separated (570: the mean DERP packet Tailscale reported)")
+		peers       = flag.String("peers", "10,100", "client counts of the peers cells, each client sending to the next in a ring (empty: none)")
+		peersSize   = flag.Int("peers-size", 1200, "packet size of the peers cells")
+		sweep       = flag.String("sweep", "1,2,cores", "worker counts of the workers sweep: derp-relay --workers N and derper on the first N CPUs (empty: none)")
+		sweepSize   = flag.Int("sweep-size", 1200, "packet size of the workers sweep")
 		warmup      = flag.Duration("warmup", time.Second, "load before each measurement window")
 		duration    = flag.Duration("duration", 5*time.Second, "measurement window per cell")
 		rounds      = flag.Int("rounds", 3, "rounds per server (interleaved: ours, derper, ours, …)")
-		idle        = flag.String("idle", "1000,10000", "idle connection counts for the RSS figures (empty: none)")
+		idle        = flag.String("idle", "10000,50000", "idle connection counts for the RSS figures, lowered to what RLIMIT_NOFILE allows (empty: none)")
+		idleRounds  = flag.Int("idle-rounds", 1, "how many of the first rounds measure the idle levels (minutes each at 50k)")
 		relayCPU    = flag.Int("relay-cpu", 0, "CPU both relays are pinned to")
 		relayCPUs   = flag.String("relay-cpus", "", "CPUs both relays are pinned to, a taskset list such as 0,1 (overrides -relay-cpu)")
 		workers     = flag.Int("relay-workers", 0, "derp-relay's --workers (0: its default, one per CPU it is pinned to)")
@@ -62,17 +67,30 @@ func main() {
 	cfg := config{
 		Pairs: *pairs, Window: *window, WarmupSec: warmup.Seconds(), DurationSec: duration.Seconds(),
 		Rounds: *rounds, RelayCPU: *relayCPU, RelayCPUs: *relayCPUs, RelayWorkers: *workers, LoadCPU: *loadCPU,
+		PeersSize: *peersSize, SweepSize: *sweepSize, IdleRounds: min(*idleRounds, *rounds),
 	}
 	if cfg.RelayCPUs == "" {
 		cfg.RelayCPUs = strconv.Itoa(cfg.RelayCPU)
 	}
-	var err1, err2 error
+	var idleLevels []int
+	var err1, err2, err3, err4 error
 	cfg.Sizes, err1 = parseInts(*sizes)
-	cfg.Idle, err2 = parseInts(*idle)
-	if err := errors.Join(err1, err2); err != nil {
+	idleLevels, err2 = parseInts(*idle)
+	cfg.Peers, err3 = parseInts(*peers)
+	cfg.SweepWorkers, err4 = parseWorkers(*sweep, machineCores())
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		log.Fatal(err)
 	}
-	slices.Sort(cfg.Idle)
+	slices.Sort(cfg.Peers)
+	slices.Sort(idleLevels)
+	limit, err := raiseNoFileLimit()
+	if err != nil {
+		log.Fatal(err)
+	}
+	if cfg.Idle, cfg.IdleAsked = fitIdleLevels(idleLevels, limit); cfg.IdleAsked != nil {
+		cfg.NoFileLimit = limit
+		log.Printf("RLIMIT_NOFILE is %d (raising it needs CAP_SYS_RESOURCE): idle levels %v measured as %v", limit, cfg.IdleAsked, cfg.Idle)
+	}
 	if *derperBin == "" {
 		log.Fatal("no derper binary: pass -derper or set DERPER (bench/run builds one)")
 	}
@@ -104,6 +122,8 @@ func main() {
 	r.Machine.writeMarkdown(os.Stdout)
 	fmt.Println()
 	writeTable(os.Stdout, cfg, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
+	fmt.Println()
+	writeGoals(os.Stdout, cfg, r.Median)
 	if _, ok := r.Median[before]; ok {
 		fmt.Println()
 		writeTable(os.Stdout, cfg, r.Median[ours], r.Median[before], "after", "before")
@@ -138,34 +158,53 @@ func measure(ctx context.Context, cfg config, specs []serverSpec, profileDir, pr
 		Config:  cfg,
 	}
 	log.Printf("%s; %d cores; %s", r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel)
-	log.Printf("relays on CPUs %s (derp-relay --workers %d), load generator on CPU %d; %d round(s) each, %d pairs, sizes %v, %v per cell",
-		cfg.RelayCPUs, cfg.RelayWorkers, cfg.LoadCPU, cfg.Rounds, cfg.Pairs, cfg.Sizes, time.Duration(cfg.DurationSec*float64(time.Second)))
+	log.Printf("relays on CPUs %s (derp-relay --workers %d), load generator on CPU %d; %d round(s) each, %d pairs, sizes %v, peers %v, workers sweep %v, %v per cell",
+		cfg.RelayCPUs, cfg.RelayWorkers, cfg.LoadCPU, cfg.Rounds, cfg.Pairs, cfg.Sizes, cfg.Peers, cfg.SweepWorkers,
+		time.Duration(cfg.DurationSec*float64(time.Second)))
 	for round := 1; round <= cfg.Rounds; round++ {
 		for _, spec := range specs {
-			run := serverRun{Server: spec.kind, Round: round}
 			prefix := fmt.Sprintf("[round %d/%d] %-10s", round, cfg.Rounds, spec.kind)
-			if len(cfg.Idle) > 0 {
-				run.Idle, err = idleRound(ctx, spec, cert, cfg.Idle)
-				if err != nil {
-					return nil, fmt.Errorf("%s idle: %w", prefix, err)
-				}
-				for _, m := range run.Idle {
-					log.Printf("%s RSS with %5d idle connections: %6.1f MiB", prefix, m.Conns, float64(m.RSSBytes)/(1<<20))
-				}
-			}
 			profile := ""
 			if round == 1 && spec.kind == ours {
 				profile = profileDir
 			}
-			run.Cells, err = loadRound(ctx, spec, cert, cfg, profile, profileFmt, prefix)
+			run, err := measureServer(ctx, cfg, spec, cert, round <= cfg.IdleRounds, profile, profileFmt, prefix)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", prefix, err)
 			}
+			run.Round = round
 			r.Runs = append(r.Runs, run)
 		}
 	}
 	r.summarise()
 	return r, nil
+}
+
+// measureServer is one round of one server: the idle levels (withIdle), the
+// cells on the run's relay CPUs (profiled when profileDir is set), then the
+// workers sweep, each on a fresh relay.
+func measureServer(ctx context.Context, cfg config, spec serverSpec, cert *benchCert, withIdle bool, profileDir, profileFmt, prefix string) (serverRun, error) {
+	run := serverRun{Server: spec.kind}
+	var err error
+	if withIdle && len(cfg.Idle) > 0 {
+		if run.Idle, err = idleRound(ctx, spec, cert, cfg.Idle); err != nil {
+			return run, fmt.Errorf("idle: %w", err)
+		}
+		for _, m := range run.Idle {
+			log.Printf("%s RSS with %5d idle connections: %6.1f MiB", prefix, m.Conns, float64(m.RSSBytes)/(1<<20))
+		}
+	}
+	if run.Cells, err = loadRound(ctx, spec, cert, cfg, cfg.mainShapes(), profileDir, profileFmt, prefix); err != nil {
+		return run, err
+	}
+	for _, shape := range cfg.sweepShapes() {
+		cells, err := loadRound(ctx, spec.onCores(shape.Workers), cert, cfg, []cellShape{shape}, "", "", prefix)
+		if err != nil {
+			return run, err
+		}
+		run.Cells = append(run.Cells, cells...)
+	}
+	return run, nil
 }
 
 // idleRound starts a fresh relay and measures its RSS with each number of
@@ -180,8 +219,8 @@ func idleRound(ctx context.Context, spec serverSpec, cert *benchCert, levels []i
 	return measureIdle(ctx, srv, cert, levels)
 }
 
-// loadRound starts a fresh relay and measures one cell per packet size.
-func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config, profileDir, profileFmt, prefix string) ([]cellResult, error) {
+// loadRound starts a fresh relay and measures one cell per shape.
+func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config, shapes []cellShape, profileDir, profileFmt, prefix string) ([]cellResult, error) {
 	srv, dir, err := freshServer(ctx, spec, cert)
 	if err != nil {
 		return nil, err
@@ -190,11 +229,11 @@ func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config
 	defer srv.stop()
 	var cells []cellResult
 	window := time.Duration(cfg.DurationSec * float64(time.Second))
-	for _, size := range cfg.Sizes {
-		p := loadParams{size: size, pairs: cfg.Pairs, window: cfg.Window, warmup: time.Duration(cfg.WarmupSec * float64(time.Second)), duration: window}
+	for _, shape := range shapes {
+		p := loadParams{shape: shape, pairs: cfg.Pairs, window: cfg.Window, warmup: time.Duration(cfg.WarmupSec * float64(time.Second)), duration: window}
 		var profiler *exec.Cmd
 		if profileDir != "" {
-			if profiler, err = startProfiler(srv, profileDir, profileFmt, size, p.warmup+window); err != nil {
+			if profiler, err = startProfiler(srv, profileDir, profileFmt, shape, p.warmup+window); err != nil {
 				return nil, err
 			}
 		}
@@ -205,12 +244,12 @@ func loadRound(ctx context.Context, spec serverSpec, cert *benchCert, cfg config
 			}
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", sizeLabel(size), err)
+			return nil, fmt.Errorf("%s: %w", shape.label(), err)
 		}
-		log.Printf("%s %-7s %8.0f pkt/s %8.1f Mbit/s  drops %5.2f%%  p50/p99 %.2f/%.2f ms (idle %.3f/%.3f)  %.2f CPU s/Mpkt  (load generator %.0f%%, others %.0f%% CPU)",
-			prefix, sizeLabel(size), cell.PacketsPerSec, cell.MbitPerSec, cell.DropPercent,
+		log.Printf("%s %-7s %8.0f pkt/s %8.1f Mbit/s  drops %5.2f%%  p50/p99 %.2f/%.2f ms (idle %.3f/%.3f)  %.2f CPU s/Mpkt of %d process(es)  (load generator %.0f%%, others %.0f%% CPU)",
+			prefix, shape.label(), cell.PacketsPerSec, cell.MbitPerSec, cell.DropPercent,
 			cell.LatencyP50Ms, cell.LatencyP99Ms, cell.IdleLatencyP50Ms, cell.IdleLatencyP99Ms,
-			cell.CPUSecPerMpkt, 100*cell.LoadgenCPU, 100*cell.OtherCPU)
+			cell.CPUSecPerMpkt, cell.Processes, 100*cell.LoadgenCPU, 100*cell.OtherCPU)
 		cells = append(cells, cell)
 	}
 	return cells, nil
@@ -230,7 +269,7 @@ func freshServer(ctx context.Context, spec serverSpec, cert *benchCert) (*server
 }
 
 // startProfiler samples derp-relay with py-spy for the length of one cell.
-func startProfiler(srv *server, dir, format string, size int, length time.Duration) (*exec.Cmd, error) {
+func startProfiler(srv *server, dir, format string, shape cellShape, length time.Duration) (*exec.Cmd, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -238,7 +277,11 @@ func startProfiler(srv *server, dir, format string, size int, length time.Durati
 	if ext == "" {
 		return nil, fmt.Errorf("unknown py-spy format %q", format)
 	}
-	out := filepath.Join(dir, fmt.Sprintf("derp-relay-%d.%s", size, ext))
+	name := strconv.Itoa(shape.Size)
+	if shape.Peers > 0 {
+		name += fmt.Sprintf("-%dpeers", shape.Peers)
+	}
+	out := filepath.Join(dir, fmt.Sprintf("derp-relay-%s.%s", name, ext))
 	cmd := exec.Command("py-spy", "record", "--nonblocking", "--format", format, "-o", out,
 		"--pid", strconv.Itoa(srv.cmd.Process.Pid), "--duration", strconv.Itoa(int(length.Seconds()+0.5)))
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -252,7 +295,7 @@ func checkDelivered(r *results) error {
 	for _, run := range r.Runs {
 		for _, cell := range run.Cells {
 			if cell.Received == 0 || cell.PacketsPerSec == 0 {
-				errs = append(errs, fmt.Errorf("%s round %d: no %s packets delivered", run.Server, run.Round, sizeLabel(cell.Size)))
+				errs = append(errs, fmt.Errorf("%s round %d: no packets delivered in the cell %s", run.Server, run.Round, cell.label()))
 			}
 		}
 	}

@@ -29,11 +29,24 @@ type config struct {
 	DurationSec float64 `json:"durationSec"`
 	Rounds      int     `json:"rounds"`
 	Idle        []int   `json:"idle"`
-	RelayCPU    int     `json:"relayCpu"`
+	// IdleRounds is how many of the first rounds measure the idle levels
+	// (0, in older results: every round).
+	IdleRounds int `json:"idleRounds,omitempty"`
+	RelayCPU   int `json:"relayCpu"`
 	// RelayCPUs and RelayWorkers: where relays ran and derp-relay's --workers (0: its default).
 	RelayCPUs    string `json:"relayCpus,omitempty"`
 	RelayWorkers int    `json:"relayWorkers,omitempty"`
 	LoadCPU      int    `json:"loadCpu"`
+	// Peers: the ring cells' client counts, at PeersSize bytes.
+	Peers     []int `json:"peers,omitempty"`
+	PeersSize int   `json:"peersSize,omitempty"`
+	// SweepWorkers: the workers sweep's worker counts, at SweepSize bytes.
+	SweepWorkers []int `json:"sweepWorkers,omitempty"`
+	SweepSize    int   `json:"sweepSize,omitempty"`
+	// IdleAsked is the idle levels asked for, when the descriptor limit
+	// (NoFileLimit, RLIMIT_NOFILE) made Idle lower.
+	IdleAsked   []int  `json:"idleAsked,omitempty"`
+	NoFileLimit uint64 `json:"noFileLimit,omitempty"`
 }
 
 // serverNote is a non-numeric fact about a server (its version).
@@ -68,7 +81,7 @@ func (r *results) summarise() {
 				return medianOf(runs, func(run serverRun) float64 { return f(run.Cells[i]) })
 			}
 			m.Cells = append(m.Cells, cellResult{
-				Size:             cell.Size,
+				cellShape:        cell.cellShape,
 				Sent:             int64(at(func(c cellResult) float64 { return float64(c.Sent) })),
 				Received:         int64(at(func(c cellResult) float64 { return float64(c.Received) })),
 				PacketsPerSec:    at(func(c cellResult) float64 { return c.PacketsPerSec }),
@@ -81,11 +94,15 @@ func (r *results) summarise() {
 				CPUSecPerMpkt:    at(func(c cellResult) float64 { return c.CPUSecPerMpkt }),
 				LoadgenCPU:       at(func(c cellResult) float64 { return c.LoadgenCPU }),
 				OtherCPU:         at(func(c cellResult) float64 { return c.OtherCPU }),
+				Processes:        cell.Processes,
 			})
 		}
-		for i, idle := range runs[0].Idle {
-			rss := medianOf(runs, func(run serverRun) float64 { return float64(run.Idle[i].RSSBytes) })
-			m.Idle = append(m.Idle, idleResult{Conns: idle.Conns, RSSBytes: int64(rss)})
+		idleRuns := slices.DeleteFunc(slices.Clone(runs), func(run serverRun) bool { return len(run.Idle) == 0 })
+		if len(idleRuns) > 0 {
+			for i, idle := range idleRuns[0].Idle {
+				rss := medianOf(idleRuns, func(run serverRun) float64 { return float64(run.Idle[i].RSSBytes) })
+				m.Idle = append(m.Idle, idleResult{Conns: idle.Conns, RSSBytes: int64(rss)})
+			}
 		}
 		r.Median[kind] = m
 	}
@@ -111,33 +128,117 @@ type figure struct {
 	value  func(serverRun) (float64, bool)
 }
 
-// figures lists the rows for the sizes and idle levels of a run.
+// figures lists the rows of a run: every cell, the figures that compare
+// cells (more peers, more cores), the idle memory.
 func figures(cfg config) []figure {
 	var out []figure
-	for i, size := range cfg.Sizes {
-		cell := func(f func(cellResult) float64) func(serverRun) (float64, bool) {
-			return func(s serverRun) (float64, bool) {
-				if i >= len(s.Cells) || s.Cells[i].Size != size {
-					return 0, false
-				}
-				return f(s.Cells[i]), true
-			}
+	for _, shape := range cfg.shapes() {
+		out = append(out, cellFigures(shape)...)
+	}
+	out = append(out, peersFigures(cfg)...)
+	out = append(out, sweepFigures(cfg)...)
+	return append(out, idleFigures(cfg)...)
+}
+
+// cellFigures are the rows of one cell; the peers and sweep cells leave out
+// Mbit/s and the idle latency, which the size cells already show.
+func cellFigures(shape cellShape) []figure {
+	of := func(f func(cellResult) float64) func(serverRun) (float64, bool) {
+		return func(s serverRun) (float64, bool) {
+			c, ok := s.cell(shape)
+			return f(c), ok
 		}
-		label := sizeLabel(size)
+	}
+	label := shape.label()
+	full := shape.Peers == 0 && shape.Workers == 0
+	var out []figure
+	add := func(always bool, name, format string, f func(cellResult) float64) {
+		if always || full {
+			out = append(out, figure{name, format, of(f)})
+		}
+	}
+	add(true, packetsFigure(shape), "%.0f", func(c cellResult) float64 { return c.PacketsPerSec })
+	add(false, label+": Mbit/s", "%.1f", func(c cellResult) float64 { return c.MbitPerSec })
+	add(true, label+": drops (% of sent)", "%.2f", func(c cellResult) float64 { return c.DropPercent })
+	add(true, label+": latency p50 under load (ms)", "%.2f", func(c cellResult) float64 { return c.LatencyP50Ms })
+	add(true, label+": latency p99 under load (ms)", "%.2f", func(c cellResult) float64 { return c.LatencyP99Ms })
+	add(false, label+": latency p50, relay idle (ms)", "%.3f", func(c cellResult) float64 { return c.IdleLatencyP50Ms })
+	add(false, label+": latency p99, relay idle (ms)", "%.3f", func(c cellResult) float64 { return c.IdleLatencyP99Ms })
+	add(true, cpuFigure(shape), "%.2f", func(c cellResult) float64 { return c.CPUSecPerMpkt })
+	add(true, label+": load generator CPU (share of its core)", "%.2f", func(c cellResult) float64 { return c.LoadgenCPU })
+	add(true, label+": other processes' CPU (cores)", "%.2f", func(c cellResult) float64 { return c.OtherCPU })
+	return out
+}
+
+func packetsFigure(shape cellShape) string { return shape.label() + ": delivered packets/s" }
+
+func cpuFigure(shape cellShape) string {
+	return shape.label() + ": relay CPU s per M packets (all its processes)"
+}
+
+// betweenCells is a figure computed from two cells of the same server.
+func betweenCells(a, b cellShape, f func(a, b cellResult) float64) func(serverRun) (float64, bool) {
+	return func(s serverRun) (float64, bool) {
+		ca, okA := s.cell(a)
+		cb, okB := s.cell(b)
+		if !okA || !okB {
+			return 0, false
+		}
+		v := f(ca, cb)
+		return v, !math.IsNaN(v) && !math.IsInf(v, 0)
+	}
+}
+
+// peersFigures: what the most peers keep of the fewest peers' packets/s
+// (derper loses throughput as peers grow), and what each packet costs more.
+func peersFigures(cfg config) []figure {
+	if len(cfg.Peers) < 2 {
+		return nil
+	}
+	few := cellShape{Size: cfg.PeersSize, Peers: cfg.Peers[0]}
+	many := cellShape{Size: cfg.PeersSize, Peers: cfg.Peers[len(cfg.Peers)-1]}
+	name := fmt.Sprintf("%s, %d peers / %d peers", sizeLabel(cfg.PeersSize), many.Peers, few.Peers)
+	return []figure{
+		{name + ": delivered packets/s", "%.2f", betweenCells(many, few, func(m, f cellResult) float64 { return m.PacketsPerSec / f.PacketsPerSec })},
+		{name + ": CPU s per M packets", "%.2f", betweenCells(many, few, func(m, f cellResult) float64 { return m.CPUSecPerMpkt / f.CPUSecPerMpkt })},
+	}
+}
+
+// sweepFigures: for every worker count above the sweep's first, the growth
+// of packets/s measured here, and the growth a machine with that many cores
+// free for the relay would show if each core did as much work as here:
+// n/base times the CPU per packet at base over the CPU per packet at n (the
+// cost of spreading a relay over cores, without the shared load generator).
+func sweepFigures(cfg config) []figure {
+	if len(cfg.SweepWorkers) < 2 {
+		return nil
+	}
+	base := cellShape{Size: cfg.SweepSize, Workers: cfg.SweepWorkers[0]}
+	var out []figure
+	for _, n := range cfg.SweepWorkers[1:] {
+		at := cellShape{Size: cfg.SweepSize, Workers: n}
+		cores := float64(n) / float64(base.Workers)
 		out = append(out,
-			figure{label + ": delivered packets/s", "%.0f", cell(func(c cellResult) float64 { return c.PacketsPerSec })},
-			figure{label + ": Mbit/s", "%.1f", cell(func(c cellResult) float64 { return c.MbitPerSec })},
-			figure{label + ": drops (% of sent)", "%.2f", cell(func(c cellResult) float64 { return c.DropPercent })},
-			figure{label + ": latency p50 under load (ms)", "%.2f", cell(func(c cellResult) float64 { return c.LatencyP50Ms })},
-			figure{label + ": latency p99 under load (ms)", "%.2f", cell(func(c cellResult) float64 { return c.LatencyP99Ms })},
-			figure{label + ": latency p50, relay idle (ms)", "%.3f", cell(func(c cellResult) float64 { return c.IdleLatencyP50Ms })},
-			figure{label + ": latency p99, relay idle (ms)", "%.3f", cell(func(c cellResult) float64 { return c.IdleLatencyP99Ms })},
-			figure{label + ": relay CPU s per M packets", "%.2f", cell(func(c cellResult) float64 { return c.CPUSecPerMpkt })},
-			figure{label + ": load generator CPU (share of its core)", "%.2f", cell(func(c cellResult) float64 { return c.LoadgenCPU })},
-			figure{label + ": other processes' CPU (cores)", "%.2f", cell(func(c cellResult) float64 { return c.OtherCPU })},
+			figure{growthFigure(cfg, n), "%.2f", betweenCells(at, base, func(a, b cellResult) float64 { return a.PacketsPerSec / b.PacketsPerSec })},
+			figure{fmt.Sprintf("%s, %d cores / %d: projected growth with free cores (%.0f × CPU per packet at %d / at %d)",
+				sizeLabel(cfg.SweepSize), n, base.Workers, cores, base.Workers, n), "%.2f",
+				betweenCells(at, base, func(a, b cellResult) float64 { return cores * b.CPUSecPerMpkt / a.CPUSecPerMpkt })},
 		)
 	}
-	idleRSS := func(i int) func(serverRun) (float64, bool) {
+	return out
+}
+
+func growthFigure(cfg config, n int) string {
+	return fmt.Sprintf("%s, %d cores / %d: delivered packets/s (measured growth)", sizeLabel(cfg.SweepSize), n, cfg.SweepWorkers[0])
+}
+
+// idleFigures: the relay's RSS (all its processes) at start and at each
+// idle level, and the growth per connection from the start to each level.
+func idleFigures(cfg config) []figure {
+	if len(cfg.Idle) == 0 {
+		return nil
+	}
+	rss := func(i int) func(serverRun) (float64, bool) {
 		return func(s serverRun) (float64, bool) {
 			if i >= len(s.Idle) {
 				return 0, false
@@ -145,25 +246,23 @@ func figures(cfg config) []figure {
 			return float64(s.Idle[i].RSSBytes) / (1 << 20), true
 		}
 	}
-	if len(cfg.Idle) > 0 {
-		out = append(out, figure{"RSS at start (MiB)", "%.1f", idleRSS(0)})
+	out := []figure{{"RSS at start (MiB)", "%.1f", rss(0)}}
+	for i, n := range cfg.Idle {
+		out = append(out, figure{fmt.Sprintf("RSS with %s idle connections (MiB)", countLabel(n)), "%.1f", rss(i + 1)})
 	}
 	for i, n := range cfg.Idle {
-		out = append(out, figure{fmt.Sprintf("RSS with %s idle connections (MiB)", countLabel(n)), "%.1f", idleRSS(i + 1)})
-	}
-	if n := len(cfg.Idle); n > 0 {
-		last := cfg.Idle[n-1]
-		out = append(out, figure{
-			fmt.Sprintf("KiB per idle connection (RSS growth to %s)", countLabel(last)), "%.1f",
-			func(s serverRun) (float64, bool) {
-				if len(s.Idle) <= n {
-					return 0, false
-				}
-				return float64(s.Idle[n].RSSBytes-s.Idle[0].RSSBytes) / 1024 / float64(last), true
-			},
-		})
+		out = append(out, figure{idleKiBFigure(n), "%.1f", func(s serverRun) (float64, bool) {
+			if i+1 >= len(s.Idle) {
+				return 0, false
+			}
+			return float64(s.Idle[i+1].RSSBytes-s.Idle[0].RSSBytes) / 1024 / float64(n), true
+		}})
 	}
 	return out
+}
+
+func idleKiBFigure(n int) string {
+	return fmt.Sprintf("KiB per idle connection at %s (RSS growth from start)", countLabel(n))
 }
 
 func sizeLabel(size int) string {
@@ -233,11 +332,19 @@ func (r *results) writeMarkdown(path string, notes string) error {
 	r.Machine.writeMarkdown(&b)
 	fmt.Fprintln(&b)
 	c := r.Config
+	fmt.Fprintln(&b, "## Goals (issue #11)")
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "Measured: derp-relay's figure over derper's in the same rounds, or derp-relay's own figure where the goal is absolute.")
+	fmt.Fprintln(&b)
+	writeGoals(&b, c, r.Median)
+	fmt.Fprintln(&b)
+	fmt.Fprintln(&b, "## Every figure")
+	fmt.Fprintln(&b)
 	fmt.Fprintf(&b, "Median of %d interleaved rounds per server (derp-relay, derper, derp-relay, …). "+
-		"Each cell: %d derphttp sender→receiver pairs flood packets of one size for %.0f s "+
-		"(after %.0f s warm-up) over TLS, while one more pair sends a timestamped probe every %v "+
-		"for the latency figures. Relays pinned to CPU %s, the load generator to CPU %d.%s\n\n",
-		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.relayCPUs(), c.LoadCPU, c.workersNote())
+		"Each cell: %d derphttp sender→receiver pairs flood packets of one size for %g s "+
+		"(after %g s warm-up) over TLS, while one more pair sends a timestamped probe every %v "+
+		"for the latency figures. Relays pinned to CPU %s, the load generator to CPU %d.%s%s\n\n",
+		c.Rounds, c.Pairs, c.DurationSec, c.WarmupSec, probeInterval, c.relayCPUs(), c.LoadCPU, c.workersNote(), c.dimensionsNote())
 	writeTable(&b, c, r.Median[ours], r.Median[theirs], string(ours), string(theirs))
 	if earlier, ok := r.Median[before]; ok {
 		fmt.Fprintln(&b)
@@ -262,6 +369,28 @@ func (c config) relayCPUs() string {
 		return c.RelayCPUs
 	}
 	return strconv.Itoa(c.RelayCPU)
+}
+
+// dimensionsNote describes the peers cells, the workers sweep and the idle
+// levels, when the run had them.
+func (c config) dimensionsNote() string {
+	var b strings.Builder
+	if len(c.Peers) > 0 {
+		fmt.Fprintf(&b, " Peers cells: %v clients at %s in a ring, each sending to the next, sharing the pairs' packets in flight.",
+			c.Peers, sizeLabel(c.PeersSize))
+	}
+	if len(c.SweepWorkers) > 0 {
+		fmt.Fprintf(&b, " Workers sweep: derp-relay --workers N and derper pinned to the first N CPUs, N in %v, at %s;"+
+			" CPU and RSS are all of a relay's processes.", c.SweepWorkers, sizeLabel(c.SweepSize))
+	}
+	if len(c.Idle) > 0 && c.IdleRounds > 0 && c.IdleRounds < c.Rounds {
+		fmt.Fprintf(&b, " Idle levels in the first %d round(s) only (the slowest part, and the steadiest figure).", c.IdleRounds)
+	}
+	if c.IdleAsked != nil {
+		fmt.Fprintf(&b, " Idle levels %v were asked for; RLIMIT_NOFILE %d (not raisable here) allowed %v.",
+			c.IdleAsked, c.NoFileLimit, c.Idle)
+	}
+	return b.String()
 }
 
 // workersNote says how many worker processes derp-relay ran, when told.

@@ -47,6 +47,13 @@ type serverSpec struct {
 	env     []string // added to the environment (PYTHONPATH for the before checkout)
 }
 
+// onCores is the spec pinned to the first n CPUs, derp-relay with n workers
+// (derper has no such flag: its GOMAXPROCS follows the CPUs it may use).
+func (s serverSpec) onCores(n int) serverSpec {
+	s.cpus, s.workers = sweepCPUs(n), n
+	return s
+}
+
 // args are the flags of one relay: the same listener, TLS certificate and
 // key file, no STUN, no mesh, no HTTP port, default queue depth and write
 // timeout, spelled as each binary spells them.
