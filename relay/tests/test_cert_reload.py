@@ -1,0 +1,389 @@
+"""``--certmode manual`` certificates rotated on disk as the kubelet does, while clients stay connected.
+
+A test CA issues every certificate.  The files are updated the way the
+kubelet updates a Secret volume: the new pair goes into a fresh timestamped
+directory, a ``..data`` symlink is renamed over the old one, and ``tls.crt``
+and ``tls.key`` are symlinks through ``..data`` that never change themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import re
+import ssl
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from derprelay import certs, cli
+from derprelay.client import DerpClient, Endpoint, connect
+from derprelay.keys import NodePrivateKey
+from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, fetch, metric, wait_for
+
+HOSTNAME = "127.0.0.1"
+"""The harness's --hostname: the certificates name it as an IP address."""
+POLL = "0.2"
+"""--cert-reload-interval for these tests: short, so a rotation shows within a second."""
+ROTATION_TIMEOUT = 15.0
+NOW = datetime.datetime.now(datetime.UTC)
+DAY = datetime.timedelta(days=1)
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def pem_key(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @property
+    def serial(self) -> int:
+        return self.leaf.serial_number
+
+
+class CertAuthority:
+    """A CA of the test's own; clients trust it and verify the relay's name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, f"derp-relay test CA {os.urandom(4).hex()}")]
+        )
+        self.name = name
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - DAY)
+            .not_valid_after(NOW + 30 * DAY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.bundle = directory / "ca.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        self,
+        names: tuple[str, ...] = (HOSTNAME,),
+        *,
+        not_before: datetime.datetime = NOW - DAY,
+        not_after: datetime.datetime = NOW + 60 * DAY,
+        key: PrivateKey | None = None,
+    ) -> Issued:
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt.append(x509.DNSName(name))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.cert.public_bytes(
+            serialization.Encoding.PEM
+        )
+        return Issued(chain, pem_key(key))
+
+    def endpoint(self, relay: RelayProcess) -> Endpoint:
+        """How a client that trusts this CA reaches the relay: the name checked, no pin."""
+        return Endpoint(relay.url, ssl_context=ssl.create_default_context(cafile=str(self.bundle)))
+
+
+class SecretVolume:
+    """A directory laid out and updated as the kubelet's atomic writer does a Secret volume."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self._updates = 0
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "tls.crt"
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / "tls.key"
+
+    def write(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self._updates += 1
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y_%m_%d_%H_%M_%S")
+        fresh = self.directory / f"..{stamp}.{self._updates}"
+        fresh.mkdir()
+        (fresh / "tls.crt").write_bytes(cert_pem)
+        (fresh / "tls.key").write_bytes(key_pem)
+        data = self.directory / "..data"
+        old = data.resolve() if data.is_symlink() else None
+        staged = self.directory / "..data_tmp"
+        staged.symlink_to(fresh.name)
+        staged.rename(data)  # the one atomic step: both files change together
+        for name in ("tls.crt", "tls.key"):
+            if not (self.directory / name).is_symlink():
+                (self.directory / name).symlink_to(f"..data/{name}")
+        if old is not None:
+            for child in old.iterdir():
+                child.unlink()
+            old.rmdir()
+
+    def put(self, issued: Issued) -> None:
+        self.write(issued.cert_pem, issued.key_pem)
+
+    def flags(self, workers: int = 1) -> tuple[str, ...]:
+        return (
+            "--workers",
+            str(workers),
+            "--certmode",
+            "manual",
+            "--tls-cert-file",
+            str(self.cert_path),
+            "--tls-key-file",
+            str(self.key_path),
+            "--cert-reload-interval",
+            POLL,
+        )
+
+
+async def served_chain(relay: RelayProcess) -> list[x509.Certificate]:
+    """The chain a new TLS connection gets, leaf first (nothing verified)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", relay.status["derpPort"], ssl=context), RECV_TIMEOUT
+    )
+    ssl_object = writer.get_extra_info("ssl_object")
+    chain = getattr(ssl_object, "get_unverified_chain", None) or ssl_object._sslobj.get_unverified_chain
+    ders = [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain()]  # type: ignore[attr-defined]
+    writer.close()
+    return [x509.load_der_x509_certificate(der) for der in ders]
+
+
+async def wait_served(relay: RelayProcess, serial: int, timeout: float = ROTATION_TIMEOUT) -> None:
+    """Poll new connections (bounded) until they get the certificate with ``serial``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (got := (await served_chain(relay))[0].serial_number) != serial:
+        if loop.time() > deadline:
+            raise AssertionError(f"after {timeout}s new connections still get serial {got:x}, not {serial:x}")
+        await asyncio.sleep(0.05)
+
+
+def reloads(relay: RelayProcess, result: str) -> float:
+    return metric(relay, "derp_tls_cert_reloads_total", f'result="{result}"')
+
+
+async def wait_counted(relay: RelayProcess, result: str, count: int) -> None:
+    await wait_for(lambda: reloads(relay, result) >= count, f"{result} counted {count}", ROTATION_TIMEOUT)
+    assert reloads(relay, result) == count
+
+
+class Chatter:
+    """A client pair exchanging packets both ways without pause, until stopped: proof it stayed up."""
+
+    def __init__(self, a: DerpClient, key_a: bytes, b: DerpClient, key_b: bytes) -> None:
+        self.rounds = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run(a, key_a, b, key_b))
+
+    async def _run(self, a: DerpClient, key_a: bytes, b: DerpClient, key_b: bytes) -> None:
+        while not self._stop.is_set():
+            await exchange_every_size(a, key_a, b, key_b)
+            self.rounds += 1
+
+    async def rounds_after(self, more: int) -> None:
+        """Wait for ``more`` rounds beyond now (the task's failure surfaces here)."""
+        target = self.rounds + more
+        await wait_for(lambda: self.rounds >= target or self._task.done(), "more exchanges")
+        if self._task.done():
+            self._task.result()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self._task, RECV_TIMEOUT)
+
+
+async def connected_pair(ca: CertAuthority, relay: RelayProcess) -> tuple[Chatter, list[DerpClient]]:
+    key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()
+    a = await connect(ca.endpoint(relay), key_a)
+    b = await connect(ca.endpoint(relay), key_b)
+    return Chatter(a, key_a.public, b, key_b.public), [a, b]
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertAuthority:
+    return CertAuthority(tmp_path)
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> SecretVolume:
+    return SecretVolume(tmp_path / "secret-volume")
+
+
+async def test_rotation_reaches_new_connections_while_a_connected_pair_keeps_relaying(
+    relay_factory: Callable[..., RelayProcess], ca: CertAuthority, volume: SecretVolume
+) -> None:
+    first, second = ca.issue(), ca.issue()
+    volume.put(first)
+    relay = relay_factory(*volume.flags())
+    assert (await served_chain(relay))[0].serial_number == first.serial
+    chatter, clients = await connected_pair(ca, relay)
+    await chatter.rounds_after(1)
+    accepts_before = metric(relay, "derp_accepts_total")
+
+    volume.put(second)
+    await wait_served(relay, second.serial)
+    await chatter.rounds_after(3)  # the same two connections, relaying on after the reload
+    await chatter.stop()
+
+    chain = await served_chain(relay)
+    assert chain[1] == ca.cert  # the chain as the files give it
+    with warnings.catch_warnings():  # the meta cert's CN is longer than X.520 allows, as derper's is
+        warnings.simplefilter("ignore", UserWarning)
+        meta_cn = chain[2].subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert meta_cn == "derpkey" + relay.public_key.hex()  # derper's meta cert, still after the chain
+    fresh = await connect(ca.endpoint(relay), NodePrivateKey.generate())  # verifies the new one by name
+    await fresh.close()
+    assert metric(relay, "derp_accepts_total") == accepts_before + 1  # nobody reconnected
+    assert metric(relay, "derp_current_connections") == 2
+    assert reloads(relay, "reloaded") == 1
+    assert metric(relay, "derp_tls_cert_not_after_unix_time") == int(
+        second.leaf.not_valid_after_utc.timestamp()
+    )
+    assert metric(relay, "derp_tls_cert_info", f'serial="{second.serial:x}"') == 1
+    assert metric(relay, "derp_tls_cert_reloads", 'result="reloaded"', path="/debug/varz") == 1
+    old, new = certs.describe(first.leaf), certs.describe(second.leaf)
+    assert f"TLS certificate reloaded from {volume.cert_path}: {old} -> {new}" in relay.log()
+    for client in clients:
+        await client.close()
+
+
+async def test_bad_rotations_keep_the_served_certificate_are_counted_once_and_a_good_one_is_taken(
+    relay_factory: Callable[..., RelayProcess], ca: CertAuthority, volume: SecretVolume
+) -> None:
+    good = ca.issue()
+    volume.put(good)
+    relay = relay_factory(*volume.flags())
+    chatter, clients = await connected_pair(ca, relay)
+    other, expired = ca.issue(), ca.issue(not_after=NOW - datetime.timedelta(hours=1))
+    half = ca.issue()
+    bad: list[tuple[str, bytes, bytes]] = [
+        ("key_mismatch", ca.issue().cert_pem, other.key_pem),
+        ("not_pem", half.cert_pem[: len(half.cert_pem) // 3], half.key_pem),
+        ("expired", expired.cert_pem, expired.key_pem),
+        ("wrong_name", *_pair(ca.issue(("derp.other.example",)))),
+    ]
+    for result, cert_pem, key_pem in bad:
+        volume.write(cert_pem, key_pem)
+        await wait_counted(relay, result, 1)
+        assert (await served_chain(relay))[0].serial_number == good.serial
+
+    # Valid in three seconds: refused at first, looked at again every poll, taken in its time;
+    # and an RSA key after ECDSA ones, which must replace what is served, not sit beside it.
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    soon = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(seconds=3)
+    later = ca.issue(not_before=soon, key=rsa_key)
+    volume.put(later)
+    await wait_counted(relay, "not_yet_valid", 1)
+    await wait_served(relay, later.serial)
+    await chatter.rounds_after(2)
+    await chatter.stop()
+
+    assert reloads(relay, "reloaded") == 1
+    for result, *_ in [*bad, ("not_yet_valid",)]:
+        assert reloads(relay, result) == 1, result  # once per bad state, not once per poll
+        assert len(re.findall(rf"TLS certificate not reloaded \({result}\)", relay.log())) == 1, result
+    assert f"still serving {certs.describe(good.leaf)}" in relay.log()
+    assert metric(relay, "derp_current_connections") == 2
+    for client in clients:
+        await client.close()
+
+
+def _pair(issued: Issued) -> tuple[bytes, bytes]:
+    return issued.cert_pem, issued.key_pem
+
+
+WORKERS = 2
+CONNECTIONS = 24
+"""New connections after the rotation: all on one of two workers is a 1 in 2**23 chance."""
+
+
+async def test_every_worker_serves_the_rotated_certificate(
+    relay_factory: Callable[..., RelayProcess], ca: CertAuthority, volume: SecretVolume, mesh_key_file: Path
+) -> None:
+    first, second = ca.issue(), ca.issue()
+    volume.put(first)
+    relay = relay_factory(*volume.flags(WORKERS), "--mesh-psk-file", str(mesh_key_file))
+    chatter, clients = await connected_pair(ca, relay)
+
+    volume.put(second)
+    log_lines = re.compile(
+        rf"worker (\d) derprelay.certs INFO TLS certificate reloaded .* -> serial {second.serial:x}"
+    )
+    await wait_for(
+        lambda: len(set(log_lines.findall(relay.log()))) == WORKERS, "every worker's reload", ROTATION_TIMEOUT
+    )
+    served = [(await served_chain(relay))[0].serial_number for _ in range(CONNECTIONS)]
+    assert served == [second.serial] * CONNECTIONS
+    await chatter.rounds_after(2)
+    await chatter.stop()
+
+    # Each worker's exposition is in the combined one: the old serial is nowhere, one rotation is one reload.
+    assert metric(relay, "derp_tls_cert_info", f'serial="{second.serial:x}"') == 1
+    assert f'serial="{first.serial:x}"' not in fetch(relay, "/metrics")[2].decode()
+    assert reloads(relay, "reloaded") == 1
+    for client in clients:
+        await client.close()
+
+
+def test_a_negative_interval_is_refused_with_the_flag_named() -> None:
+    args = cli.build_parser().parse_args(["--dev", "--cert-reload-interval", "-1"])
+    with pytest.raises(cli.ConfigError, match="--cert-reload-interval must be >= 0"):
+        cli.resolve(args)
+
+
+@pytest.mark.parametrize(
+    ("names", "hostname", "covered"),
+    [
+        (("derp.example.com",), "DERP.example.com.", True),
+        (("*.example.com",), "derp.example.com", True),
+        (("*.example.com",), "example.com", False),
+        (("*.example.com",), "a.derp.example.com", False),
+        (("127.0.0.1",), "127.0.0.1", True),
+        (("derp.example.com",), "127.0.0.1", False),
+        (("127.0.0.1",), "127.0.0.2", False),
+    ],
+)
+def test_which_names_a_certificate_covers(
+    ca: CertAuthority, names: tuple[str, ...], hostname: str, covered: bool
+) -> None:
+    assert certs.names_host(ca.issue(names).leaf, hostname) is covered
