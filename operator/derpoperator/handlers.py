@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -87,7 +86,6 @@ from .web import Published
 log = logging.getLogger(__name__)
 
 REGION_API = f"{API_GROUP}/{API_VERSION}"
-TLS_FINGERPRINT_ANNOTATION = "derpfleet.io/tls-sha256"
 FINALIZER = "derpfleet.io/derp-map"
 """Held until a deleted region is out of the published DERP map."""
 OWNED_CHANGE_DELAY = 1.0
@@ -129,8 +127,6 @@ class _Credentials:
     """The certificate the relays serve, whatever its source."""
     pin: str = ""
     """Its pin: in the DERP map for selfSigned regions, and what the prober checks in every mode."""
-    fingerprint: str = ""
-    """Short hash of the certificate on the pod template: a new certificate rolls the relays."""
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -287,7 +283,6 @@ class Operator:
                 found.tls = material
         if found.tls is not None:
             found.pin = credentials.certificate_pin(found.tls)
-            found.fingerprint = hashlib.sha256(found.tls.cert_pem).hexdigest()[:32]
         if spec.tls.mode is TlsMode.CERT_MANAGER and not await self.kube.has_kind(
             "cert-manager.io/v1", "Certificate"
         ):
@@ -350,11 +345,8 @@ class Operator:
         sts: Obj | None = None
         if not creds.problems:
             pod_ips = {i: str((p.get("status") or {}).get("podIP") or "") for i, p in pods.items()}
-            annotations = {TLS_FINGERPRINT_ANNOTATION: creds.fingerprint} if creds.fingerprint else None
             generated_tls = creds.tls if spec.tls.mode is TlsMode.SELF_SIGNED else None
-            for manifest in render_region(
-                ref, spec, creds.mesh_key, generated_tls, pod_ips=pod_ips, pod_annotations=annotations
-            ):
+            for manifest in render_region(ref, spec, creds.mesh_key, generated_tls, pod_ips=pod_ips):
                 applied = await self.kube.apply(manifest)
                 if manifest["kind"] == "StatefulSet":
                     sts = applied
