@@ -140,6 +140,8 @@ class Operator:
         self.published = published
         self._observations: dict[RegionKey, Observation] = {}
         self._probes: dict[RegionKey, dict[int, ProbeResult]] = {}
+        self._pins: dict[RegionKey, credentials.PinHistory] = {}
+        """Each region's certificate pin and the one before: relays take a new certificate a while later."""
         self._locks: dict[RegionKey, asyncio.Lock] = {}
         self._publish_lock = asyncio.Lock()
         self._pending: dict[RegionKey, asyncio.Task[None]] = {}
@@ -238,6 +240,7 @@ class Operator:
         async with self._lock(key):
             self._observations.pop(key, None)
             self._probes.pop(key, None)
+            self._pins.pop(key, None)
         self.metrics.forget(key)
         await self.publish()
 
@@ -340,6 +343,11 @@ class Operator:
             problems.append(Problem("RegionIDConflict", losers[key]))
         creds = await self._credentials(ref, spec)
         problems += creds.problems
+        if creds.pin:
+            history = self._pins.get(key)
+            self._pins[key] = (
+                history.observe(creds.pin, _utc_now()) if history else credentials.PinHistory(creds.pin)
+            )
 
         pods, nodes = await self._observe_pods(ref, spec.replicas)
         sts: Obj | None = None
@@ -403,7 +411,8 @@ class Operator:
         key = (namespace, name)
         observed = self._observations.get(key)
         if observed is not None:
-            targets = _probe_targets(observed)
+            history = self._pins.get(key)
+            targets = _probe_targets(observed, history.rotating_out(_utc_now()) if history else ())
             mesh_key = await self._mesh_key(observed)
             results = await probe_region(targets, mesh_key, mesh=observed.spec.mesh_enabled)
             for target in targets:
@@ -428,7 +437,7 @@ def _node_of(pod: Mapping[str, Any] | None) -> str:
     return str(((pod or {}).get("spec") or {}).get("nodeName") or "")
 
 
-def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
+def _probe_targets(observed: ObservedRegion, rotating_out: tuple[str, ...]) -> list[ProbeTarget]:
     """Relays with an address and a ready pod, or one only probes can judge: those clients could be sent to."""
     spec = observed.spec
     targets = []
@@ -436,7 +445,9 @@ def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
         address = view.ipv4 or view.ipv6
         if not (view.observed.probe_wanted and address):
             continue
-        # The operator knows the exact certificate the relays serve, so it pins it in every mode.
+        # The operator knows the exact certificate the relays serve, so it pins it in every mode;
+        # for a while after it changed, the one before too: the relays take it when the kubelet
+        # has updated their volume.
         cert_name = observed.cert_pin or view.host_name
         targets.append(
             ProbeTarget(
@@ -446,6 +457,7 @@ def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
                 derp_port=spec.derp_port,
                 stun_port=spec.stun_port if spec.stun_enabled else None,
                 cert_name=cert_name,
+                other_pins=rotating_out if observed.cert_pin else (),
             )
         )
     return targets
