@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import ipaddress
 import os
 import re
 import ssl
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from derpcluster.pki import CertificateAuthority, IssuedKey
 from derprelay import certs, cli
 from derprelay.client import DerpClient, Endpoint, connect
 from derprelay.keys import NodePrivateKey
@@ -37,86 +35,44 @@ ROTATION_TIMEOUT = 15.0
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-def pem_key(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert_pem: bytes
-    key_pem: bytes
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.cert_pem)
-
-    @property
-    def serial(self) -> int:
-        return self.leaf.serial_number
-
 
 class CertAuthority:
-    """A CA of the test's own; clients trust it and verify the relay's name."""
+    """The test's CA (the local cluster's kind); clients trust it and verify the relay's name."""
 
     def __init__(self, directory: Path) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, f"derp-relay test CA {os.urandom(4).hex()}")]
-        )
-        self.name = name
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - DAY)
-            .not_valid_after(NOW + 30 * DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
+        self.authority = CertificateAuthority(f"derp-relay test CA {os.urandom(4).hex()}")
+        self.cert = x509.load_pem_x509_certificate(self.authority.cert_pem)
         self.bundle = directory / "ca.pem"
-        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.bundle.write_bytes(self.authority.cert_pem)
 
     def issue(
         self,
-        names: tuple[str, ...] = (HOSTNAME,),
         *,
-        not_before: datetime.datetime = NOW - DAY,
-        not_after: datetime.datetime = NOW + 60 * DAY,
-        key: PrivateKey | None = None,
-    ) -> Issued:
-        key = key or ec.generate_private_key(ec.SECP256R1())
-        alt: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                alt.append(x509.DNSName(name))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .sign(self.key, hashes.SHA256())
+        ips: tuple[str, ...] = (HOSTNAME,),
+        dns_names: tuple[str, ...] = (),
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        key: IssuedKey | None = None,
+    ) -> certs.CertMaterial:
+        """A leaf for these names followed by the CA certificate, as cert-manager writes tls.crt."""
+        issued = self.authority.issue(
+            (*dns_names, *ips)[0],
+            dns_names=dns_names,
+            ips=ips,
+            server=True,
+            key=key,
+            not_before=not_before,
+            not_after=not_after,
         )
-        chain = cert.public_bytes(serialization.Encoding.PEM) + self.cert.public_bytes(
-            serialization.Encoding.PEM
-        )
-        return Issued(chain, pem_key(key))
+        return certs.CertMaterial(issued.cert_pem + self.authority.cert_pem, issued.key_pem)
 
     def endpoint(self, relay: RelayProcess) -> Endpoint:
         """How a client that trusts this CA reaches the relay: the name checked, no pin."""
         return Endpoint(relay.url, ssl_context=ssl.create_default_context(cafile=str(self.bundle)))
+
+
+def serial(material: certs.CertMaterial) -> int:
+    return material.leaf.serial_number
 
 
 class SecretVolume:
@@ -155,8 +111,8 @@ class SecretVolume:
                 child.unlink()
             old.rmdir()
 
-    def put(self, issued: Issued) -> None:
-        self.write(issued.cert_pem, issued.key_pem)
+    def put(self, material: certs.CertMaterial) -> None:
+        self.write(material.cert_pem, material.key_pem)
 
     def flags(self, workers: int = 1) -> tuple[str, ...]:
         return (
@@ -255,13 +211,13 @@ async def test_rotation_reaches_new_connections_while_a_connected_pair_keeps_rel
     first, second = ca.issue(), ca.issue()
     volume.put(first)
     relay = relay_factory(*volume.flags())
-    assert (await served_chain(relay))[0].serial_number == first.serial
+    assert (await served_chain(relay))[0].serial_number == serial(first)
     chatter, clients = await connected_pair(ca, relay)
     await chatter.rounds_after(1)
     accepts_before = metric(relay, "derp_accepts_total")
 
     volume.put(second)
-    await wait_served(relay, second.serial)
+    await wait_served(relay, serial(second))
     await chatter.rounds_after(3)  # the same two connections, relaying on after the reload
     await chatter.stop()
 
@@ -279,7 +235,7 @@ async def test_rotation_reaches_new_connections_while_a_connected_pair_keeps_rel
     assert metric(relay, "derp_tls_cert_not_after_unix_time") == int(
         second.leaf.not_valid_after_utc.timestamp()
     )
-    assert metric(relay, "derp_tls_cert_info", f'serial="{second.serial:x}"') == 1
+    assert metric(relay, "derp_tls_cert_info", f'serial="{serial(second):x}"') == 1
     assert metric(relay, "derp_tls_cert_reloads", 'result="reloaded"', path="/debug/varz") == 1
     old, new = certs.describe(first.leaf), certs.describe(second.leaf)
     assert f"TLS certificate reloaded from {volume.cert_path}: {old} -> {new}" in relay.log()
@@ -294,18 +250,18 @@ async def test_bad_rotations_keep_the_served_certificate_are_counted_once_and_a_
     volume.put(good)
     relay = relay_factory(*volume.flags())
     chatter, clients = await connected_pair(ca, relay)
-    other, expired = ca.issue(), ca.issue(not_after=NOW - datetime.timedelta(hours=1))
+    other, expired = ca.issue(), ca.issue(not_before=NOW - DAY, not_after=NOW - datetime.timedelta(hours=1))
     half = ca.issue()
     bad: list[tuple[str, bytes, bytes]] = [
         ("key_mismatch", ca.issue().cert_pem, other.key_pem),
         ("not_pem", half.cert_pem[: len(half.cert_pem) // 3], half.key_pem),
         ("expired", expired.cert_pem, expired.key_pem),
-        ("wrong_name", *_pair(ca.issue(("derp.other.example",)))),
+        ("wrong_name", *_pair(ca.issue(ips=(), dns_names=("derp.other.example",)))),
     ]
     for result, cert_pem, key_pem in bad:
         volume.write(cert_pem, key_pem)
         await wait_counted(relay, result, 1)
-        assert (await served_chain(relay))[0].serial_number == good.serial
+        assert (await served_chain(relay))[0].serial_number == serial(good)
 
     # Valid in three seconds: refused at first, looked at again every poll, taken in its time;
     # and an RSA key after ECDSA ones, which must replace what is served, not sit beside it.
@@ -314,7 +270,7 @@ async def test_bad_rotations_keep_the_served_certificate_are_counted_once_and_a_
     later = ca.issue(not_before=soon, key=rsa_key)
     volume.put(later)
     await wait_counted(relay, "not_yet_valid", 1)
-    await wait_served(relay, later.serial)
+    await wait_served(relay, serial(later))
     await chatter.rounds_after(2)
     await chatter.stop()
 
@@ -328,8 +284,8 @@ async def test_bad_rotations_keep_the_served_certificate_are_counted_once_and_a_
         await client.close()
 
 
-def _pair(issued: Issued) -> tuple[bytes, bytes]:
-    return issued.cert_pem, issued.key_pem
+def _pair(material: certs.CertMaterial) -> tuple[bytes, bytes]:
+    return material.cert_pem, material.key_pem
 
 
 WORKERS = 2
@@ -347,19 +303,19 @@ async def test_every_worker_serves_the_rotated_certificate(
 
     volume.put(second)
     log_lines = re.compile(
-        rf"worker (\d) derprelay.certs INFO TLS certificate reloaded .* -> serial {second.serial:x}"
+        rf"worker (\d) derprelay.certs INFO TLS certificate reloaded .* -> serial {serial(second):x}"
     )
     await wait_for(
         lambda: len(set(log_lines.findall(relay.log()))) == WORKERS, "every worker's reload", ROTATION_TIMEOUT
     )
     served = [(await served_chain(relay))[0].serial_number for _ in range(CONNECTIONS)]
-    assert served == [second.serial] * CONNECTIONS
+    assert served == [serial(second)] * CONNECTIONS
     await chatter.rounds_after(2)
     await chatter.stop()
 
     # Each worker's exposition is in the combined one: the old serial is nowhere, one rotation is one reload.
-    assert metric(relay, "derp_tls_cert_info", f'serial="{second.serial:x}"') == 1
-    assert f'serial="{first.serial:x}"' not in fetch(relay, "/metrics")[2].decode()
+    assert metric(relay, "derp_tls_cert_info", f'serial="{serial(second):x}"') == 1
+    assert f'serial="{serial(first):x}"' not in fetch(relay, "/metrics")[2].decode()
     assert reloads(relay, "reloaded") == 1
     for client in clients:
         await client.close()
@@ -372,18 +328,16 @@ def test_a_negative_interval_is_refused_with_the_flag_named() -> None:
 
 
 @pytest.mark.parametrize(
-    ("names", "hostname", "covered"),
+    ("name", "hostname", "covered"),
     [
-        (("derp.example.com",), "DERP.example.com.", True),
-        (("*.example.com",), "derp.example.com", True),
-        (("*.example.com",), "example.com", False),
-        (("*.example.com",), "a.derp.example.com", False),
-        (("127.0.0.1",), "127.0.0.1", True),
-        (("derp.example.com",), "127.0.0.1", False),
-        (("127.0.0.1",), "127.0.0.2", False),
+        ("derp.example.com", "DERP.example.com.", True),
+        ("*.example.com", "derp.example.com", True),
+        ("*.example.com", "example.com", False),
+        ("*.example.com", "a.derp.example.com", False),
+        ("127.0.0.1", "127.0.0.1", True),
+        ("derp.example.com", "127.0.0.1", False),
+        ("127.0.0.1", "127.0.0.2", False),
     ],
 )
-def test_which_names_a_certificate_covers(
-    ca: CertAuthority, names: tuple[str, ...], hostname: str, covered: bool
-) -> None:
-    assert certs.names_host(ca.issue(names).leaf, hostname) is covered
+def test_which_names_a_certificate_covers(name: str, hostname: str, covered: bool) -> None:
+    assert certs.names_host(certs.generate_self_signed(name).leaf, hostname) is covered
