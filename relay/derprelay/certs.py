@@ -228,10 +228,6 @@ def describe(leaf: x509.Certificate) -> str:
     return f"serial {leaf.serial_number:x} notAfter {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
 
 
-def load_manual(certdir: Path, hostname: str) -> CertMaterial:
-    return load_files(*manual_paths(certdir, hostname))
-
-
 def load_or_create_self_signed(certdir: Path | None, hostname: str) -> CertMaterial:
     """Reuse the certificate kept in ``certdir`` for ``hostname``, or make and keep one."""
     if certdir is None:
