@@ -122,7 +122,9 @@ class CertFileWatch:
         self.cert_path = cert_path
         self.key_path = key_path
         self.hostname = hostname
-        self._seen = self._identities_or_none()
+        self._seen: tuple[FileIdentity, FileIdentity] | None = None
+        """The files at the last consistent read; None: read them on the first poll (they may have
+        changed since the relay loaded them at start)."""
         self._refused: tuple[bytes, ...] | None = None
         """The last bad state, already logged and counted: the content, or the error reading it."""
         self._waiting: certs.CertMaterial | None = None
@@ -181,7 +183,11 @@ class CertFileWatch:
         certs.check_pair(material, self.cert_path, self.key_path)
         leaf = material.leaf
         certs.check_valid_at(leaf, now, self.cert_path)
-        if certs.names_host(self.served.leaf, self.hostname) and not certs.names_host(leaf, self.hostname):
+        try:
+            names_host = certs.names_host(leaf, self.hostname)
+        except ValueError as exc:  # cryptography parses extensions only when asked
+            raise certs.CertError(f"{self.cert_path}: bad extensions ({exc})") from None
+        if certs.names_host(self.served.leaf, self.hostname) and not names_host:
             raise certs.CertError(
                 f"{self.cert_path}: does not name {self.hostname} (--hostname), which the served one does",
                 certs.CertProblem.WRONG_NAME,
