@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
@@ -179,7 +180,7 @@ def check_pair(material: CertMaterial, cert_path: Path, key_path: Path) -> None:
         raise CertError(f"{cert_path}: not a PEM certificate ({exc})") from None
     try:
         key = serialization.load_pem_private_key(material.key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CertError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
