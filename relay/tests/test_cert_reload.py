@@ -25,7 +25,16 @@ from derpcluster.pki import CertificateAuthority, IssuedKey
 from derprelay import certs, cli
 from derprelay.client import DerpClient, Endpoint, connect
 from derprelay.keys import NodePrivateKey
-from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, fetch, metric, wait_for
+from relayharness import (
+    RECV_TIMEOUT,
+    RelayProcess,
+    deliver,
+    exchange_every_size,
+    fetch,
+    free_port,
+    metric,
+    wait_for,
+)
 
 HOSTNAME = "127.0.0.1"
 """The harness's --hostname: the certificates name it as an IP address."""
@@ -341,3 +350,38 @@ def test_a_negative_interval_is_refused_with_the_flag_named() -> None:
 )
 def test_which_names_a_certificate_covers(name: str, hostname: str, covered: bool) -> None:
     assert certs.names_host(certs.generate_self_signed(name).leaf, hostname) is covered
+
+
+async def test_mesh_links_stay_up_across_a_rotation(
+    relay_factory: Callable[..., RelayProcess], ca: CertAuthority, tmp_path: Path, mesh_key_file: Path
+) -> None:
+    """Mesh peers verify the members through the CA; a renewed member keeps its links and makes new ones."""
+    ports = (free_port(), free_port())
+    volumes = [SecretVolume(tmp_path / f"volume-{name}") for name in "ab"]
+    relays = []
+    for name, port, volume in zip("ab", ports, volumes, strict=True):
+        volume.put(ca.issue())
+        mesh = ("--mesh-psk-file", str(mesh_key_file), "--mesh-ca-file", str(ca.bundle))
+        peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+        relays.append(
+            relay_factory(*volume.flags(), "-a", f"127.0.0.1:{port}", *mesh, "--mesh-with", peers, name=name)
+        )
+    key_a, key_b = NodePrivateKey.generate(), NodePrivateKey.generate()
+    on_a, on_b = await connect(ca.endpoint(relays[0]), key_a), await connect(ca.endpoint(relays[1]), key_b)
+    await deliver(on_b, on_a, key_a.public, b"before")
+    await deliver(on_a, on_b, key_b.public, b"before, back")  # both mesh links are up
+    accepts = [metric(relay, "derp_accepts_total") for relay in relays]  # a client and a mesh link each
+    assert accepts == [2, 2]
+
+    renewed = ca.issue()
+    volumes[0].put(renewed)
+    await wait_served(relays[0], serial(renewed))
+    await deliver(on_b, on_a, key_a.public, b"after")
+    await deliver(on_a, on_b, key_b.public, b"and back")
+    assert [metric(relay, "derp_accepts_total") for relay in relays] == accepts  # nothing reconnected
+    assert [metric(relay, "derp_mesh_peers_connected") for relay in relays] == [1, 1]
+    # A new mesh link to the renewed member (its peer restarted) verifies the new certificate.
+    relays[1].restart()
+    await wait_for(lambda: metric(relays[1], "derp_mesh_peers_connected") == 1, "b's new mesh link to a")
+    await on_a.close()
+    await on_b.close()
