@@ -58,6 +58,8 @@ type relayOptions struct {
 	FailOpen        bool
 	// Cert, if set, is installed in the certdir and served with --certmode manual.
 	Cert *testCert
+	// CertReloadInterval is --cert-reload-interval (seconds); "" leaves the default.
+	CertReloadInterval string
 	// MeshCAFile verifies mesh peers' certificates (--mesh-ca-file).
 	MeshCAFile string
 	// Workers is --workers; 0 leaves the relay's default (one per usable CPU).
@@ -158,6 +160,9 @@ func (r *relayProc) args() []string {
 	}
 	if r.opts.Workers > 0 {
 		args = append(args, "--workers", strconv.Itoa(r.opts.Workers))
+	}
+	if r.opts.CertReloadInterval != "" {
+		args = append(args, "--cert-reload-interval", r.opts.CertReloadInterval)
 	}
 	if r.opts.VerifyClientURL != "" {
 		args = append(args, "--verify-client-url", r.opts.VerifyClientURL,

@@ -24,6 +24,7 @@ type testCert struct {
 	CertPEM  []byte
 	KeyPEM   []byte
 	CertName string // "sha256-raw:<hex>" pin for the DERP map
+	NotAfter time.Time
 }
 
 func newTestCert(t testing.TB) *testCert {
@@ -65,6 +66,7 @@ func newTestCert(t testing.TB) *testCert {
 		CertPEM:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:   pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
 		CertName: "sha256-raw:" + hex.EncodeToString(sum[:]),
+		NotAfter: tmpl.NotAfter,
 	}
 }
 

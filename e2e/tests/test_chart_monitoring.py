@@ -14,6 +14,7 @@ import yaml
 from derpcluster import binaries
 from derpcluster.bundle import CHART
 from derpoperator.metrics import OperatorMetrics
+from derprelay import certreload, certs
 from derprelay import metrics as relay_metrics
 from prometheus_client import generate_latest
 
@@ -61,7 +62,7 @@ def served_metric_names() -> set[str]:
     peer = [relay_metrics.MeshPeerState("b", True, 0)]
     families = relay_metrics.relay_families(
         relay_metrics.RelayStats(), gauges, peer, relay_metrics.Identity("0")
-    )
+    ) + certreload.cert_families(certreload.ServedCertificate(certs.generate_self_signed("derp.test"), b""))
     varz = relay_metrics.RelayMetrics(lambda: families).varz().decode()
     operator = OperatorMetrics()
     text = varz + generate_latest(operator.registry).decode()
@@ -116,6 +117,8 @@ def test_monitoring_objects_with_their_crds(helm: Path) -> None:
         "DerpRelayUnhealthy",
         "DerpPacketDropsRising",
         "DerpMeshPeerDown",
+        "DerpRelayCertificateExpiring",
+        "DerpRelayCertificateRefused",
     }
     for name, rule in alerts.items():
         assert queried_names(rule["expr"]) <= served, (name, rule["expr"])

@@ -42,7 +42,7 @@ from conftest import (
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from derprelay.certs import generate_self_signed
-from derprelay.client import Endpoint, connect
+from derprelay.client import DerpClientError, Endpoint, connect
 from derprelay.keys import NodePrivateKey
 
 pytestmark = pytest.mark.timeout(600)
@@ -392,6 +392,40 @@ def test_a_missing_tls_secret_degrades_until_it_exists(kubectl: Kubectl) -> None
     wait_until("ext Ready", lambda: condition(kubectl.region("ext"), "Ready").get("status") == "True")
     ext = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]
     assert ext["DERPPort"] == 8443 and ext["STUNPort"] == 3479 and "CertName" not in ext
+
+
+def test_a_renewed_tls_secret_reaches_the_relay_without_a_restart(kubectl: Kubectl) -> None:
+    """The relay reloads the certificate from its updated volume; its pod and process stay."""
+    address = kubectl.derp_map()["Regions"]["950"]["Nodes"][0]["IPv4"]
+    pod_uid = kubectl.json("-n", NAMESPACE, "get", "pod", "derp-ext-0")["metadata"]["uid"]
+    pids = sorted(relay_pids(address, 8443))
+    renewed = tls_secret("ext-tls", "ext.derp.test")
+    kubectl("apply", "-f", "-", input=json.dumps(renewed))
+
+    async def served_pin() -> bool:
+        try:
+            client = await connect(
+                Endpoint(f"https://{address}:8443/derp", cert_name=pin_of(renewed)),
+                NodePrivateKey.generate(),
+                timeout=5,
+            )
+        except DerpClientError:
+            return False
+        await client.close()
+        return True
+
+    wait_until("the relay serving the renewed certificate", lambda: asyncio.run(served_pin()))
+    assert kubectl.json("-n", NAMESPACE, "get", "pod", "derp-ext-0")["metadata"]["uid"] == pod_uid
+    assert sorted(relay_pids(address, 8443)) == pids
+    template = kubectl.json("-n", NAMESPACE, "get", "statefulset", "derp-ext")["spec"]["template"]
+    assert "derpfleet.io/tls-sha256" not in template["metadata"].get("annotations", {})
+    # The operator's probes pin the renewed certificate now, and pass.
+    probed = kubectl.region("ext")["status"]["nodes"][0]["lastProbe"]
+    wait_until(
+        "a passing probe after the renewal",
+        lambda: (n := kubectl.region("ext")["status"]["nodes"][0])["lastProbe"] != probed and n["ready"],
+    )
+    assert condition(kubectl.region("ext"), "Ready").get("status") == "True"
     kubectl("-n", NAMESPACE, "delete", "derpregion", "ext", "--wait=true", "--timeout=60s")
     wait_until("ext out of the map", lambda: "950" not in kubectl.derp_map()["Regions"])
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from derprelay.certs import CertMaterial, generate_self_signed
 from derprelay.keys import KeyFormatError, MeshKey
@@ -91,3 +93,35 @@ def mesh_key_from_secret(secret: Mapping[str, object]) -> str:
     except UnicodeDecodeError:
         raise CredentialError(f"{MESH_KEY_FIELD} is not text") from None
     return normalize_mesh_key(text)
+
+
+PIN_ROTATION_GRACE = datetime.timedelta(minutes=5)
+"""How long after a certificate changes the relays may still serve the one before.
+
+The kubelet projects a changed Secret into running pods after its sync
+period and cache delay (a minute or two by default); each relay takes the
+new pair on its next look at the files (``derp-relay --cert-reload-interval``).
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PinHistory:
+    """The pin of a region's certificate as the operator saw it change: what probes may accept."""
+
+    current: str
+    previous: str = ""
+    changed: datetime.datetime | None = None
+
+    def observe(self, pin: str, now: datetime.datetime) -> PinHistory:
+        """The history after reading the certificate's pin ``pin`` at ``now``."""
+        return self if pin == self.current else PinHistory(pin, self.current, now)
+
+    def rotating_out(self, now: datetime.datetime) -> tuple[str, ...]:
+        """Pins a probe passes besides ``current``: the one before it, for a while after the change.
+
+        A relay still serving it after :data:`PIN_ROTATION_GRACE` fails its
+        probes on the pin: it did not take the new certificate.
+        """
+        if self.previous and self.changed is not None and now - self.changed < PIN_ROTATION_GRACE:
+            return (self.previous,)
+        return ()

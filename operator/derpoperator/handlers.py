@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -87,7 +86,6 @@ from .web import Published
 log = logging.getLogger(__name__)
 
 REGION_API = f"{API_GROUP}/{API_VERSION}"
-TLS_FINGERPRINT_ANNOTATION = "derpfleet.io/tls-sha256"
 FINALIZER = "derpfleet.io/derp-map"
 """Held until a deleted region is out of the published DERP map."""
 OWNED_CHANGE_DELAY = 1.0
@@ -129,8 +127,6 @@ class _Credentials:
     """The certificate the relays serve, whatever its source."""
     pin: str = ""
     """Its pin: in the DERP map for selfSigned regions, and what the prober checks in every mode."""
-    fingerprint: str = ""
-    """Short hash of the certificate on the pod template: a new certificate rolls the relays."""
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -144,6 +140,8 @@ class Operator:
         self.published = published
         self._observations: dict[RegionKey, Observation] = {}
         self._probes: dict[RegionKey, dict[int, ProbeResult]] = {}
+        self._pins: dict[RegionKey, credentials.PinHistory] = {}
+        """Each region's certificate pin and the one before: relays take a new certificate a while later."""
         self._locks: dict[RegionKey, asyncio.Lock] = {}
         self._publish_lock = asyncio.Lock()
         self._pending: dict[RegionKey, asyncio.Task[None]] = {}
@@ -242,6 +240,7 @@ class Operator:
         async with self._lock(key):
             self._observations.pop(key, None)
             self._probes.pop(key, None)
+            self._pins.pop(key, None)
         self.metrics.forget(key)
         await self.publish()
 
@@ -287,7 +286,6 @@ class Operator:
                 found.tls = material
         if found.tls is not None:
             found.pin = credentials.certificate_pin(found.tls)
-            found.fingerprint = hashlib.sha256(found.tls.cert_pem).hexdigest()[:32]
         if spec.tls.mode is TlsMode.CERT_MANAGER and not await self.kube.has_kind(
             "cert-manager.io/v1", "Certificate"
         ):
@@ -345,16 +343,18 @@ class Operator:
             problems.append(Problem("RegionIDConflict", losers[key]))
         creds = await self._credentials(ref, spec)
         problems += creds.problems
+        if creds.pin:
+            history = self._pins.get(key)
+            self._pins[key] = (
+                history.observe(creds.pin, _utc_now()) if history else credentials.PinHistory(creds.pin)
+            )
 
         pods, nodes = await self._observe_pods(ref, spec.replicas)
         sts: Obj | None = None
         if not creds.problems:
             pod_ips = {i: str((p.get("status") or {}).get("podIP") or "") for i, p in pods.items()}
-            annotations = {TLS_FINGERPRINT_ANNOTATION: creds.fingerprint} if creds.fingerprint else None
             generated_tls = creds.tls if spec.tls.mode is TlsMode.SELF_SIGNED else None
-            for manifest in render_region(
-                ref, spec, creds.mesh_key, generated_tls, pod_ips=pod_ips, pod_annotations=annotations
-            ):
+            for manifest in render_region(ref, spec, creds.mesh_key, generated_tls, pod_ips=pod_ips):
                 applied = await self.kube.apply(manifest)
                 if manifest["kind"] == "StatefulSet":
                     sts = applied
@@ -411,7 +411,8 @@ class Operator:
         key = (namespace, name)
         observed = self._observations.get(key)
         if observed is not None:
-            targets = _probe_targets(observed)
+            history = self._pins.get(key)
+            targets = _probe_targets(observed, history.rotating_out(_utc_now()) if history else ())
             mesh_key = await self._mesh_key(observed)
             results = await probe_region(targets, mesh_key, mesh=observed.spec.mesh_enabled)
             for target in targets:
@@ -436,7 +437,7 @@ def _node_of(pod: Mapping[str, Any] | None) -> str:
     return str(((pod or {}).get("spec") or {}).get("nodeName") or "")
 
 
-def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
+def _probe_targets(observed: ObservedRegion, rotating_out: tuple[str, ...]) -> list[ProbeTarget]:
     """Relays with an address and a ready pod, or one only probes can judge: those clients could be sent to."""
     spec = observed.spec
     targets = []
@@ -444,7 +445,9 @@ def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
         address = view.ipv4 or view.ipv6
         if not (view.observed.probe_wanted and address):
             continue
-        # The operator knows the exact certificate the relays serve, so it pins it in every mode.
+        # The operator knows the exact certificate the relays serve, so it pins it in every mode;
+        # for a while after it changed, the one before too: the relays take it when the kubelet
+        # has updated their volume.
         cert_name = observed.cert_pin or view.host_name
         targets.append(
             ProbeTarget(
@@ -454,6 +457,7 @@ def _probe_targets(observed: ObservedRegion) -> list[ProbeTarget]:
                 derp_port=spec.derp_port,
                 stun_port=spec.stun_port if spec.stun_enabled else None,
                 cert_name=cert_name,
+                other_pins=rotating_out if observed.cert_pin else (),
             )
         )
     return targets

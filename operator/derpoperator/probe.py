@@ -58,11 +58,15 @@ class ProbeTarget:
     stun_port: int | None
     cert_name: str = ""
     """``sha256-raw:…`` pin, or the hostname to verify the certificate for."""
+    other_pins: tuple[str, ...] = ()
+    """Pins also passed: the certificate before a rotation, which relays serve until they reload."""
 
     @property
     def endpoint(self) -> Endpoint:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return Endpoint(f"https://{host}:{self.derp_port}/derp", cert_name=self.cert_name)
+        return Endpoint(
+            f"https://{host}:{self.derp_port}/derp", cert_name=self.cert_name, other_pins=self.other_pins
+        )
 
 
 class ProbeError(Exception):

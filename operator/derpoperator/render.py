@@ -10,6 +10,7 @@ the garbage collector remove the rest.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,9 @@ from .naming import (
 )
 
 Manifest = dict[str, Any]
+
+TLS_FINGERPRINT_ANNOTATION = "derpfleet.io/tls-sha256"
+"""On a selfSigned region's pod template: a short hash of its certificate (see :func:`relay_pod_annotations`)."""
 
 TLS_DIR = "/etc/derp/tls"
 MESH_DIR = "/etc/derp/mesh"
@@ -342,13 +346,29 @@ def _volumes(ref: RegionRef, spec: DerpRegionSpec) -> list[dict[str, Any]]:
     return volumes
 
 
+def relay_pod_annotations(spec: DerpRegionSpec, tls: CertMaterial | None) -> dict[str, str]:
+    """The pod template's annotations for the region's certificate: which changes roll the relays.
+
+    A changed ``secret`` or cert-manager certificate does not: the kubelet
+    updates the mounted Secret volume in place and every relay serves the new
+    pair to new connections on its own (``derprelay.certreload``), keeping its
+    clients.  A selfSigned region's certificate is more than what the relays
+    serve: the DERP map pins it and the mesh verifies peers against it
+    (``--mesh-ca-file``, read at start), so a new one (its Secret deleted and
+    made again) rolls the relays, and pin and mesh move together.
+    """
+    if spec.tls.mode is not TlsMode.SELF_SIGNED or tls is None:
+        return {}
+    return {TLS_FINGERPRINT_ANNOTATION: hashlib.sha256(tls.cert_pem).hexdigest()[:32]}
+
+
 def render_statefulset(
     ref: RegionRef, spec: DerpRegionSpec, pod_annotations: Mapping[str, str] | None = None
 ) -> Manifest:
     """One relay per ordinal; ordinals give stable pod names, hence stable DERP node names.
 
-    ``pod_annotations`` go on the pod template: a changed value (the TLS
-    certificate's fingerprint) rolls the relays so they load the new files.
+    ``pod_annotations`` go on the pod template, where a changed value rolls
+    the relays (:func:`relay_pod_annotations`).
     """
     pod_spec: dict[str, Any] = {
         "containers": [_container(ref, spec)],
@@ -398,14 +418,13 @@ def render_region(
     tls: CertMaterial | None,
     *,
     pod_ips: Mapping[int, str] | None = None,
-    pod_annotations: Mapping[str, str] | None = None,
 ) -> list[Manifest]:
     """Everything a region runs on, in apply order (Secrets and ConfigMaps before the pods mounting them).
 
     ``mesh_key`` is required when the mesh is enabled and ``tls`` in
     selfSigned mode: they are generated once by the caller and then read back
-    from their Secrets, never made up here.  ``pod_ips`` (by ordinal) and
-    ``pod_annotations`` are what the operator observed; offline there are none.
+    from their Secrets, never made up here.  ``pod_ips`` (by ordinal) are
+    what the operator observed; offline there are none.
     """
     manifests: list[Manifest] = []
     if spec.mesh_enabled:
@@ -418,6 +437,7 @@ def render_region(
         manifests.append(render_tls_secret(ref, tls))
     elif spec.tls.mode is TlsMode.CERT_MANAGER:
         manifests.append(render_certificate(ref, spec))
+    pod_annotations = relay_pod_annotations(spec, tls)
     manifests += [render_service(ref, spec), render_statefulset(ref, spec, pod_annotations), render_pdb(ref)]
     return manifests
 

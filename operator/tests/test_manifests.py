@@ -10,9 +10,11 @@ import pytest
 from derpoperator.credentials import generate_mesh_key, generate_region_certificate
 from derpoperator.model import HOME_PAGE_PATTERN, RegionRef
 from derpoperator.render import (
+    TLS_FINGERPRINT_ANNOTATION,
     certificate_dns_names,
     owner_reference,
     relay_args,
+    relay_pod_annotations,
     render_certificate,
     render_mesh_peers,
     render_mesh_secret,
@@ -22,6 +24,7 @@ from derpoperator.render import (
     render_statefulset,
     render_tls_secret,
 )
+from derprelay.certs import generate_self_signed
 from derprelay.cli import build_parser as relay_parser
 from derprelay.http import HomePage
 from derprelay.mesh import MeshPeer, parse_mesh_with
@@ -229,6 +232,39 @@ def test_pod_annotations_go_on_the_template_only_when_given(ref: RegionRef) -> N
     assert "annotations" not in plain
     marked = render_statefulset(ref, spec_of(), {"derpfleet.io/tls-sha256": "ab12"})
     assert marked["spec"]["template"]["metadata"]["annotations"] == {"derpfleet.io/tls-sha256": "ab12"}
+
+
+CERT_SOURCES = {
+    "secret": {"mode": "secret", "secretName": "mine"},
+    "certManager": {"mode": "certManager", "issuerRef": {"name": "le", "kind": "ClusterIssuer"}},
+}
+
+
+@pytest.mark.parametrize("tls", CERT_SOURCES.values(), ids=CERT_SOURCES.keys())
+def test_a_rotated_user_or_cert_manager_certificate_does_not_roll_the_relays(
+    ref: RegionRef, tls: dict[str, Any]
+) -> None:
+    """The relays reload it from the updated volume themselves; a restart would drop their clients."""
+    spec = spec_of(tls=tls, hostnameTemplate="derp{index}-fra.example.com")
+    before, after = (generate_self_signed("derp0-fra.example.com") for _ in range(2))
+    assert relay_pod_annotations(spec, before) == relay_pod_annotations(spec, after) == {}
+    (sts,) = (m for m in render_region(ref, spec, MESH_KEY, None) if m["kind"] == "StatefulSet")
+    assert "annotations" not in sts["spec"]["template"]["metadata"]
+    assert ("tls", "/etc/derp/tls") in {(m["name"], m["mountPath"]) for m in container(sts)["volumeMounts"]}
+    assert not any("subPath" in m for m in container(sts)["volumeMounts"])  # a subPath mount is never updated
+
+
+def test_a_new_self_signed_region_certificate_rolls_the_relays(ref: RegionRef) -> None:
+    """The DERP map pins it and the mesh verifies with it: pin, mesh and relays change together."""
+    spec = spec_of()
+    templates = [
+        next(m for m in render_region(ref, spec, MESH_KEY, tls) if m["kind"] == "StatefulSet")["spec"][
+            "template"
+        ]
+        for tls in (generate_region_certificate(ref, spec) for _ in range(2))
+    ]
+    hashes = [t["metadata"]["annotations"][TLS_FINGERPRINT_ANNOTATION] for t in templates]
+    assert hashes[0] != hashes[1] and all(len(h) == 32 for h in hashes)
 
 
 def test_scaling_does_not_touch_the_pod_template(ref: RegionRef) -> None:

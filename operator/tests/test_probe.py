@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import signal
 import socket
@@ -9,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from derpoperator.credentials import PIN_ROTATION_GRACE, PinHistory
 from derpoperator.probe import ProbeError, ProbeTarget, RegionProbe, probe_region, probe_stun
+from derprelay.certs import generate_self_signed
 from derprelay.keys import MeshKey
 from relayharness import RelayProcess, free_port, start_mesh, start_pair
 
@@ -105,3 +108,27 @@ async def test_stun_probe_names_a_closed_port_and_a_silent_one(relay: RelayProce
         silent.bind(("127.0.0.1", 0))
         with pytest.raises(ProbeError, match=r"STUN 127\.0\.0\.1:\d+: no answer within 1s"):
             await probe_stun("127.0.0.1", silent.getsockname()[1], timeout=1.0)
+
+
+async def test_a_relay_serving_the_certificate_before_a_rotation_passes_while_it_rotates_out(
+    relay: RelayProcess,
+) -> None:
+    """The operator read the new certificate; the relay has not taken it yet (the kubelet is slow)."""
+    new_pin = generate_self_signed("127.0.0.1").cert_name
+    served_pin = str(relay.status["certName"])
+    rotating = dataclasses.replace(target(0, relay), cert_name=new_pin, other_pins=(served_pin,))
+    assert (await probe_region([rotating], None, mesh=False))[0].ok
+    done = dataclasses.replace(rotating, other_pins=())
+    result = (await probe_region([done], None, mesh=False))[0]
+    assert not result.ok
+    assert f"does not match pin {new_pin.removeprefix('sha256-raw:')}" in result.message
+
+
+def test_the_pin_before_a_rotation_is_accepted_for_the_grace_period_only() -> None:
+    history = PinHistory("sha256-raw:aa").observe("sha256-raw:aa", NOW)
+    assert history.rotating_out(NOW) == ()
+    rotated = history.observe("sha256-raw:bb", NOW)
+    assert (rotated.current, rotated.rotating_out(NOW)) == ("sha256-raw:bb", ("sha256-raw:aa",))
+    assert rotated.observe("sha256-raw:bb", NOW + PIN_ROTATION_GRACE / 2) == rotated
+    assert rotated.rotating_out(NOW + PIN_ROTATION_GRACE) == ()
+    assert rotated.observe("sha256-raw:cc", NOW).rotating_out(NOW) == ("sha256-raw:bb",)

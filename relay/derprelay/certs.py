@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import hashlib
 import ipaddress
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
@@ -47,8 +49,25 @@ BACKDATE = datetime.timedelta(days=1)
 _UNSAFE_HOSTNAME_CHARS = re.compile(r"[^a-zA-Z0-9.-]")
 
 
+class CertProblem(enum.StrEnum):
+    """What is wrong with a certificate and key pair (the ``result`` label of the reload metric)."""
+
+    UNREADABLE = "unreadable"
+    NOT_PEM = "not_pem"
+    KEY_MISMATCH = "key_mismatch"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WRONG_NAME = "wrong_name"
+    REFUSED = "refused"
+    """The TLS library would not serve it (a key too weak for its security level, say)."""
+
+
 class CertError(Exception):
     """A certificate or key could not be loaded or does not fit; the message names the file."""
+
+    def __init__(self, message: str, problem: CertProblem = CertProblem.NOT_PEM) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,23 +167,66 @@ def load_files(cert_path: Path, key_path: Path) -> CertMaterial:
     try:
         material = CertMaterial(cert_path.read_bytes(), key_path.read_bytes())
     except OSError as exc:
-        raise CertError(f"{exc.filename}: {exc.strerror}") from None
+        raise CertError(f"{exc.filename}: {exc.strerror}", CertProblem.UNREADABLE) from None
+    check_pair(material, cert_path, key_path)
+    return material
+
+
+def check_pair(material: CertMaterial, cert_path: Path, key_path: Path) -> None:
+    """Raise :class:`CertError` unless the PEMs parse and the key is the certificate's."""
     try:
         leaf = material.leaf
     except ValueError as exc:
         raise CertError(f"{cert_path}: not a PEM certificate ({exc})") from None
     try:
         key = serialization.load_pem_private_key(material.key_pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CertError(f"{key_path}: not an unencrypted PEM private key ({exc})") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-        raise CertError(f"{key_path} is not the key of the certificate in {cert_path}")
-    return material
+        raise CertError(
+            f"{key_path} is not the key of the certificate in {cert_path}", CertProblem.KEY_MISMATCH
+        )
 
 
-def load_manual(certdir: Path, hostname: str) -> CertMaterial:
-    return load_files(*manual_paths(certdir, hostname))
+def names_host(leaf: x509.Certificate, hostname: str) -> bool:
+    """Whether the leaf's subjectAltNames cover ``hostname`` (an IP, a DNS name, one ``*.`` label).
+
+    As Go's ``VerifyHostname`` (derper checks its manual certificate with it)
+    and browsers do, the subject's CN is not looked at.
+    """
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return ipaddress.ip_address(hostname) in names.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        pass
+    host = hostname.lower().rstrip(".")
+    label, _, parent = host.partition(".")
+    for pattern in (n.lower().rstrip(".") for n in names.get_values_for_type(x509.DNSName)):
+        if pattern == host or (label and parent and pattern == f"*.{parent}"):
+            return True
+    return False
+
+
+def check_valid_at(leaf: x509.Certificate, now: datetime.datetime, cert_path: Path) -> None:
+    """Raise :class:`CertError` unless ``now`` is within the leaf's validity."""
+    if now < leaf.not_valid_before_utc:
+        raise CertError(
+            f"{cert_path}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
+            CertProblem.NOT_YET_VALID,
+        )
+    if now > leaf.not_valid_after_utc:
+        raise CertError(
+            f"{cert_path}: expired {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", CertProblem.EXPIRED
+        )
+
+
+def describe(leaf: x509.Certificate) -> str:
+    """Serial and notAfter, how log lines name a certificate."""
+    return f"serial {leaf.serial_number:x} notAfter {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
 
 
 def load_or_create_self_signed(certdir: Path | None, hostname: str) -> CertMaterial:
@@ -180,7 +242,9 @@ def load_or_create_self_signed(certdir: Path | None, hostname: str) -> CertMater
         _write_private(key_path, material.key_pem)
         cert_path.write_bytes(material.cert_pem)
     except OSError as exc:
-        raise CertError(f"{exc.filename}: cannot keep the self-signed certificate: {exc.strerror}") from None
+        raise CertError(
+            f"{exc.filename}: cannot keep the self-signed certificate: {exc.strerror}", CertProblem.UNREADABLE
+        ) from None
     return material
 
 
@@ -220,7 +284,9 @@ def server_ssl_context(material: CertMaterial, extra_chain_pem: bytes = b"") -> 
         try:
             context.load_cert_chain(chain_path, key_path)
         except ssl.SSLError as exc:
-            raise CertError(f"TLS library refused the certificate or key: {exc}") from None
+            raise CertError(
+                f"TLS library refused the certificate or key: {exc}", CertProblem.REFUSED
+            ) from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 key_path.unlink()

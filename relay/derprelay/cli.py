@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import certs, frames, metrics, supervisor
+from . import certreload, certs, frames, metrics, supervisor
 from .admission import url_admission
 from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--certmode",
         choices=("selfsigned", "manual", "none"),
         default="selfsigned",
-        help="selfsigned: generate (kept in --certdir if given) and pin; manual: <certdir>/<hostname>.crt/.key; "
-        "none: plain HTTP",
+        help="selfsigned: generate (kept in --certdir if given) and pin, never reloaded; manual: "
+        "<certdir>/<hostname>.crt/.key, reloaded when they change; none: plain HTTP",
     )
     p.add_argument(
         "--certdir", type=Path, help="directory of certificates (manual) or where to keep the self-signed one"
@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tls-key-file", type=Path, help="--certmode manual: private key PEM, instead of --certdir"
+    )
+    p.add_argument(
+        "--cert-reload-interval",
+        type=float,
+        default=certreload.RELOAD_INTERVAL,
+        metavar="SECONDS",
+        help="--certmode manual: look at the certificate and key files this often and serve a new valid "
+        "pair to new connections, keeping established ones (0: never); a bad pair is refused and logged",
     )
     p.add_argument(
         "-c", "--config", type=Path, help="file keeping the relay's private key (created if missing)"
@@ -240,6 +248,8 @@ class Settings:
     hostname: str
     stun_port: int | None
     tls: certs.CertMaterial | None
+    cert_files: tuple[Path, Path] | None
+    """--certmode manual: the certificate and key files, watched for a new pair."""
     private_key: NodePrivateKey
     home: HomePage
     args: argparse.Namespace
@@ -261,14 +271,16 @@ def resolve(args: argparse.Namespace) -> Settings:
             "-c <key file> is required (the relay's identity must survive restarts); or use --dev"
         )
     tls: certs.CertMaterial | None = None
+    cert_files: tuple[Path, Path] | None = None
     try:
         if args.certmode == "manual":
             if args.tls_cert_file and args.tls_key_file:
-                tls = certs.load_files(args.tls_cert_file, args.tls_key_file)
+                cert_files = args.tls_cert_file, args.tls_key_file
             elif args.certdir is not None:
-                tls = certs.load_manual(args.certdir, hostname)
+                cert_files = certs.manual_paths(args.certdir, hostname)
             else:
                 raise ConfigError("--certmode manual needs --certdir, or --tls-cert-file and --tls-key-file")
+            tls = certs.load_files(*cert_files)
         elif args.certmode == "selfsigned":
             tls = certs.load_or_create_self_signed(args.certdir, hostname)
     except certs.CertError as exc:
@@ -279,6 +291,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1")
+    if args.cert_reload_interval < 0:
+        raise ConfigError("--cert-reload-interval must be >= 0 (0: never)")
     try:
         home = HomePage.from_flag(args.home)
     except ValueError as exc:
@@ -289,6 +303,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         hostname=hostname,
         stun_port=args.stun_port if args.stun else None,
         tls=tls,
+        cert_files=cert_files,
         private_key=private_key,
         home=home,
         args=args,
@@ -393,6 +408,10 @@ class Relay:
             stats=self.stats,
         )
         self.identity = metrics.Identity(VERSION)
+        self.served_cert: certreload.ServedCertificate | None = None
+        if settings.tls is not None:
+            meta = certs.meta_cert_pem(self.server.public_key, frames.PROTOCOL_VERSION)
+            self.served_cert = certreload.ServedCertificate(settings.tls, meta)
         self.metrics = metrics.RelayMetrics(
             lambda: [
                 *metrics.relay_families(
@@ -402,6 +421,7 @@ class Relay:
                     self.identity,
                 ),
                 *([worker_family(worker.index, self.server)] if worker else []),
+                *(certreload.cert_families(self.served_cert) if self.served_cert else []),
             ]
         )
         self.hub: WorkerHub | None = None
@@ -430,13 +450,6 @@ class Relay:
         self._mesh: Mesh | None = None
         self.derp_port = 0
         self.stun_port = 0
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        material = self.settings.tls
-        if material is None:
-            return None
-        meta = certs.meta_cert_pem(self.server.public_key, frames.PROTOCOL_VERSION)
-        return certs.server_ssl_context(material, meta)
 
     def _mesh_tls(self) -> ssl.SSLContext | None:
         ca_file = self.settings.args.mesh_ca_file
@@ -473,7 +486,11 @@ class Relay:
             await self.hub.connect(worker.links)
         try:
             self._listener = await start_listener(
-                site, s.host, s.port, self._ssl_context(), sock=worker.derp_socket if worker else None
+                site,
+                s.host,
+                s.port,
+                self.served_cert.listener_context if self.served_cert else None,
+                sock=worker.derp_socket if worker else None,
             )
         except OSError as exc:
             raise ConfigError(f"-a {args.addr}: cannot listen: {exc.strerror}") from None
@@ -492,6 +509,11 @@ class Relay:
             insecure=args.mesh_tls_insecure,
             own_hosts=frozenset((s.hostname, f"{s.hostname}:{self.derp_port}")),
         )
+        if self.served_cert is not None and s.cert_files is not None and args.cert_reload_interval > 0:
+            watch = certreload.CertFileWatch(self.served_cert, *s.cert_files, s.hostname)
+            self._tasks.append(
+                asyncio.create_task(watch.follow(args.cert_reload_interval), name="certificate files")
+            )
         if args.mesh_with_file is not None:
             follow = self._mesh.follow_file(args.mesh_with_file, self.mesh_peers)
             self._tasks.append(asyncio.create_task(follow, name="mesh peers file"))
@@ -531,8 +553,17 @@ def _announce(listening: Listening, status: dict[str, Any], dev: bool) -> None:
     )
     if listening.stun_port:
         log.info("STUN on udp port %d", listening.stun_port)
-    if status["certName"]:
-        log.info("TLS: self-signed/pinned certificate %s", status["certName"])
+    settings = listening.settings
+    if settings.tls is not None and settings.cert_files is not None:
+        interval = settings.args.cert_reload_interval
+        log.info(
+            "TLS: certificate %s from %s, %s",
+            certs.describe(settings.tls.leaf),
+            settings.cert_files[0],
+            f"looked at every {interval:g}s for a new pair" if interval else "not reloaded",
+        )
+    elif status["certName"]:
+        log.info("TLS: self-signed/pinned certificate %s (never reloaded)", status["certName"])
     if dev:
         print(
             f"derp-relay (dev) is running.\n"

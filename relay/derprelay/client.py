@@ -50,6 +50,8 @@ class Endpoint:
     """Connect to this address instead of the URL's host (TLS still uses the URL's name)."""
     ssl_context: ssl.SSLContext | None = None
     """Trust anchors for CA-verified TLS; default is the system's."""
+    other_pins: tuple[str, ...] = ()
+    """With a ``cert_name`` pin: more ``sha256-raw:`` pins accepted (a certificate rotating out)."""
 
 
 def _client_ssl_context(endpoint: Endpoint, host: str) -> tuple[ssl.SSLContext, str | None]:
@@ -236,7 +238,7 @@ async def _connect(
     )
     try:
         if context is not None and endpoint.cert_name.startswith(PIN_PREFIX):
-            _check_pin(writer, endpoint.cert_name)
+            _check_pin(writer, (endpoint.cert_name, *endpoint.other_pins))
         client = DerpClient(reader, writer, websocket=websocket)
         await _upgrade(
             reader,
@@ -256,13 +258,15 @@ async def _connect(
     return client
 
 
-def _check_pin(writer: asyncio.StreamWriter, cert_name: str) -> None:
+def _check_pin(writer: asyncio.StreamWriter, pins: tuple[str, ...]) -> None:
     ssl_object = writer.get_extra_info("ssl_object")
     leaf = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    want = cert_name[len(PIN_PREFIX) :].lower()
+    wants = [pin.removeprefix(PIN_PREFIX).lower() for pin in pins]
     got = hashlib.sha256(leaf).hexdigest() if leaf else ""
-    if not hmac.compare_digest(got, want):
-        raise DerpClientError(f"server certificate sha256 {got or 'missing'} does not match pin {want}")
+    if not any(hmac.compare_digest(got, want) for want in wants):
+        raise DerpClientError(
+            f"server certificate sha256 {got or 'missing'} does not match pin {' or '.join(wants)}"
+        )
 
 
 async def _upgrade(

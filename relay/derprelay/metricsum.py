@@ -7,8 +7,11 @@ the text keeps this independent of which metrics exist: a metric added or
 renamed in ``metrics`` is summed like the rest.  Counters and gauges alike
 are summed — connections, clients and queue figures of a relay are the sums of
 its workers' — except the few series a sum would make wrong, recognised by
-name (:func:`combine_rule`): start times keep the earliest, versions, uptimes,
-``up`` flags and maxima the largest, averages their mean.
+name (:func:`combine_rule`): start times and certificate expiry keep the
+earliest, versions, uptimes, ``up`` flags and maxima the largest, averages
+their mean.  The TLS certificate's reload counts and serial also keep the
+largest: every worker watches the same files (``derprelay.certreload``), so one
+rotation is one reload of the relay, not one per worker.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ class Combine(enum.Enum):
 
 
 _RULES = (
-    (re.compile(r"(_created|_start_time_seconds|_start_unix_time)$"), Combine.MIN),
-    (re.compile(r"(^version$|_info$|_up$|^uptime_sec|_max_bytes$|_max$)"), Combine.MAX),
+    (re.compile(r"(_created|_start_time_seconds|_start_unix_time|_not_after_unix_time)$"), Combine.MIN),
+    (
+        re.compile(r"(^version$|_info$|_up$|^uptime_sec|_max_bytes$|_max$|^derp_tls_cert_reloads)"),
+        Combine.MAX,
+    ),
     (re.compile(r"_average_"), Combine.MEAN),
 )
 

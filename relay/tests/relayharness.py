@@ -171,6 +171,25 @@ async def exchange_every_size(a: DerpClient, key_a: bytes, b: DerpClient, key_b:
         assert (back.source, back.packet) == (key_b, payload[::-1])
 
 
+DELIVERY_TIMEOUT = 20.0
+
+
+async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload: bytes) -> None:
+    """Send until it arrives: mesh membership is learned asynchronously."""
+
+    async def attempt() -> None:
+        while True:
+            await sender.send(dest, payload)
+            try:
+                got = await asyncio.wait_for(receiver.recv_packet(), 0.5)
+            except TimeoutError:
+                continue
+            if got.packet == payload:
+                return
+
+    await asyncio.wait_for(attempt(), DELIVERY_TIMEOUT)
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """The relay's own answer is what a test checks; a redirect is never followed off the machine."""
 

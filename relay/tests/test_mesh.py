@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from derprelay.client import DerpClient, connect
+from derprelay.client import connect
 from derprelay.keys import NodePrivateKey
-from relayharness import RelayProcess, free_port, start_pair, write_ca_bundle
-
-DELIVERY_TIMEOUT = 20.0
-
-
-async def deliver(sender: DerpClient, receiver: DerpClient, dest: bytes, payload: bytes) -> None:
-    """Send until it arrives: mesh membership is learned asynchronously."""
-
-    async def attempt() -> None:
-        while True:
-            await sender.send(dest, payload)
-            try:
-                got = await asyncio.wait_for(receiver.recv_packet(), 0.5)
-            except TimeoutError:
-                continue
-            if got.packet == payload:
-                return
-
-    await asyncio.wait_for(attempt(), DELIVERY_TIMEOUT)
+from relayharness import RelayProcess, deliver, free_port, start_pair, write_ca_bundle
 
 
 async def test_meshed_relays_forward_both_ways_and_survive_a_restart(

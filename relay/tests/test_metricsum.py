@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from derprelay import certreload, certs
 from derprelay.metrics import Gauges, Identity, RelayMetrics, RelayStats, relay_families
 from derprelay.metricsum import sum_expositions, sum_vars
 from prometheus_client.parser import text_string_to_metric_families
@@ -107,3 +108,21 @@ def test_vars_documents_add_up_key_by_key() -> None:
 def test_help_and_label_values_are_escaped_again() -> None:
     text = b'# HELP odd a \\\\ b\\nc\n# TYPE odd gauge\nodd{path="a\\"b\\\\c"} 1.0\n'
     assert samples(sum_expositions([text, text])) == {("odd", (("path", 'a"b\\c'),)): 2.0}
+
+
+@pytest.mark.parametrize("name", ["metrics", "varz"])
+def test_workers_certificate_series_are_one_workers_not_their_sum(name: str) -> None:
+    """Every worker watches the same files: one rotation is one reload, the expiry the earliest served."""
+    first, renewed = certs.generate_self_signed("derp.test"), certs.generate_self_signed("derp.test")
+    behind, ahead = certreload.ServedCertificate(first, b""), certreload.ServedCertificate(renewed, b"")
+    behind.results[certreload.RELOADED], ahead.results[certreload.RELOADED] = 1, 2  # a sum says 3
+    texts = [RelayMetrics(lambda s=s: certreload.cert_families(s)).exposition(name) for s in (behind, ahead)]
+    summed = samples(sum_expositions(texts))
+    # (the parser names every counter sample x_total, whichever exposition it read)
+    assert summed[("derp_tls_cert_reloads_total", (("result", "reloaded"),))] == 2
+    assert summed[("derp_tls_cert_reloads_total", (("result", "key_mismatch"),))] == 0
+    assert summed[("derp_tls_cert_not_after_unix_time", ())] == int(
+        first.leaf.not_valid_after_utc.timestamp()
+    )
+    serials = {labels for metric, labels in summed if metric == "derp_tls_cert_info"}
+    assert serials == {(("serial", f"{m.leaf.serial_number:x}"),) for m in (first, renewed)}

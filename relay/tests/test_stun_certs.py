@@ -137,15 +137,15 @@ def test_manual_mode_uses_derper_file_names_and_clear_errors(tmp_path: Path) -> 
         tmp_path / "derp1.examplex.key",
     )
     with pytest.raises(certs.CertError, match=r"derp\.example\.crt: No such file"):
-        certs.load_manual(tmp_path, "derp.example")
+        certs.load_files(*certs.manual_paths(tmp_path, "derp.example"))
     one, other = certs.generate_self_signed("a.example"), certs.generate_self_signed("b.example")
     (tmp_path / "derp.example.crt").write_bytes(one.cert_pem)
     (tmp_path / "derp.example.key").write_bytes(other.key_pem)
     with pytest.raises(certs.CertError, match="is not the key of the certificate"):
-        certs.load_manual(tmp_path, "derp.example")
+        certs.load_files(*certs.manual_paths(tmp_path, "derp.example"))
     (tmp_path / "derp.example.key").write_bytes(b"junk")
     with pytest.raises(certs.CertError, match="not an unencrypted PEM private key"):
-        certs.load_manual(tmp_path, "derp.example")
+        certs.load_files(*certs.manual_paths(tmp_path, "derp.example"))
 
 
 def test_meta_cert_names_the_server_key_and_protocol_version() -> None:

@@ -15,13 +15,16 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = datetime.timedelta(days=1)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+IssuedKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _pem_key(key: IssuedKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -87,8 +90,12 @@ class CertificateAuthority:
         dns_names: tuple[str, ...] = (),
         ips: tuple[str, ...] = (),
         server: bool = False,
+        key: IssuedKey | None = None,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
     ) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+        """A certificate for ``key`` (default: a new P-256 one), valid for a day unless told otherwise."""
+        key = key or ec.generate_private_key(ec.SECP256R1())
         attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
         attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
         now = datetime.datetime.now(datetime.UTC)
@@ -99,8 +106,8 @@ class CertificateAuthority:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + VALIDITY)
+            .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+            .not_valid_after(not_after or now + VALIDITY)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if server:
