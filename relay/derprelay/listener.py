@@ -43,7 +43,7 @@ LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 64
 """Connections accepted per event-loop turn (about 10 µs each, so under a millisecond)."""
 
-HANDSHAKES_PER_TURN = 8
+HANDSHAKES_PER_TURN = 2
 """Default TLS handshakes started per event-loop turn (``--handshakes-per-turn``)."""
 
 MAX_PENDING_HANDSHAKES = 1024
