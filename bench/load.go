@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"derpfleet.io/bench/storm"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -117,20 +118,6 @@ func (p clientPair) close() {
 	}
 }
 
-// awaitServerInfo reads up to the ServerInfo frame: from then on the relay
-// routes packets to this client.
-func awaitServerInfo(c *derphttp.Client) error {
-	for {
-		m, err := c.Recv()
-		if err != nil {
-			return err
-		}
-		if _, ok := m.(derp.ServerInfoMessage); ok {
-			return nil
-		}
-	}
-}
-
 // runCell measures one cell: a paced probe pair alone for the warm-up time
 // (idle latency), then p.pairs senders flooding for warmup+duration with
 // the probe still running; throughput and CPU count over the window only.
@@ -151,7 +138,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 		pairs = append(pairs, pair)
 	}
 	for _, pair := range pairs {
-		if err := awaitServerInfo(pair.to); err != nil {
+		if err := storm.AwaitServerInfo(pair.to); err != nil {
 			return res, fmt.Errorf("handshake: %w", err)
 		}
 	}

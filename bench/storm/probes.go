@@ -62,7 +62,7 @@ func StartProbes(ctx context.Context, region *tailcfg.DERPRegion, n int) (*Probe
 		}
 	}
 	for _, pair := range ps.pairs {
-		if err := awaitServerInfo(pair[1]); err != nil {
+		if err := AwaitServerInfo(pair[1]); err != nil {
 			ps.Close()
 			return nil, fmt.Errorf("innocent pair handshake: %w", err)
 		}
@@ -72,19 +72,6 @@ func StartProbes(ctx context.Context, region *tailcfg.DERPRegion, n int) (*Probe
 		ps.senders.Go(func() { ps.send(pair[0], pair[1].SelfPublicKey()) })
 	}
 	return ps, nil
-}
-
-// awaitServerInfo reads up to ServerInfo: from then on the relay routes to c.
-func awaitServerInfo(c *derphttp.Client) error {
-	for {
-		m, err := c.Recv()
-		if err != nil {
-			return err
-		}
-		if _, ok := m.(derp.ServerInfoMessage); ok {
-			return nil
-		}
-	}
 }
 
 func (ps *Probes) send(from *derphttp.Client, to key.NodePublic) {

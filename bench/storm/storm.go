@@ -184,6 +184,12 @@ func (s *Storm) handshake(ctx context.Context, node key.NodePrivate, source *net
 		}
 		conn = tlsConn
 	}
+	return DERPHandshake(conn, node)
+}
+
+// DERPHandshake asks for DERP with fast start on conn (TLS done) and does
+// the DERP handshake as node, with Tailscale's derp client, up to ServerInfo.
+func DERPHandshake(conn net.Conn, node key.NodePrivate) error {
 	if _, err := conn.Write([]byte(upgradeRequest)); err != nil {
 		return err
 	}
@@ -192,8 +198,16 @@ func (s *Storm) handshake(ctx context.Context, node key.NodePrivate, source *net
 	if err != nil {
 		return err
 	}
+	return AwaitServerInfo(client)
+}
+
+// AwaitServerInfo reads up to the ServerInfo frame: from then on the relay
+// routes packets to the client.
+func AwaitServerInfo(c interface {
+	Recv() (derp.ReceivedMessage, error)
+}) error {
 	for {
-		m, err := client.Recv()
+		m, err := c.Recv()
 		if err != nil {
 			return err
 		}
