@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
 from collections import Counter, deque
@@ -40,8 +41,9 @@ log = logging.getLogger("derprelay.listener")
 LISTEN_BACKLOG = 1024
 """Connections the kernel may hold for us between two turns of the accept loop."""
 
-ACCEPT_BATCH = 64
-"""Connections accepted per event-loop turn (about 10 µs each, so under a millisecond)."""
+ACCEPT_BATCH = 32
+"""Connections accepted per event-loop turn: a refusal costs tens of µs, so a turn spends
+about a millisecond at most on them; beyond, the kernel's backlog holds the storm."""
 
 HANDSHAKES_PER_TURN = 2
 """Default TLS handshakes started per event-loop turn (``--handshakes-per-turn``)."""
@@ -112,6 +114,7 @@ class RelayListener:
         self._shed_since_log: Counter[ShedReason] = Counter()
         self._shed_log_at = 0.0
         self._closed = False
+        self._family = sockets[0].family
         for sock in sockets:
             sock.setblocking(False)
             self._loop.add_reader(sock.fileno(), self._accept, sock)
@@ -122,9 +125,12 @@ class RelayListener:
         stats = self._stats
         limit = self._accept_limit
         now = self._loop.time()
+        family, kind = self._family, socket.SOCK_STREAM
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = listening.accept()
+                # The bare descriptor: socket.accept() builds a socket object (two enum
+                # look-ups), half the cost of a refusal, for a connection we may only close.
+                fd, _ = listening._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -134,13 +140,14 @@ class RelayListener:
                 continue  # the client left before we took it (ECONNABORTED): take the next
             if limit is not None and not limit.try_take(1, now):
                 stats.connections_closed["accept_rate_limited"] += 1
-                sock.close()
+                os.close(fd)
                 continue
             stats.tcp_accepts += 1
             if len(self._pending) + len(self._silent) >= self._limits.max_pending:
-                self._shed(sock, ShedReason.QUEUE_FULL)
+                os.close(fd)
+                self._count_shed(ShedReason.QUEUE_FULL)
                 continue
-            self._pending.append((sock, now))
+            self._pending.append((socket.socket(family, kind, 0, fd), now))
         self._note_pending()
         if self._pending and self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
@@ -233,6 +240,9 @@ class RelayListener:
 
     def _shed(self, sock: socket.socket, reason: ShedReason) -> None:
         sock.close()
+        self._count_shed(reason)
+
+    def _count_shed(self, reason: ShedReason) -> None:
         self._stats.handshakes_shed[reason] += 1
         self._shed_since_log[reason] += 1
         now = self._loop.time()
