@@ -16,7 +16,6 @@ import (
 	"io"
 	"log"
 	"os"
-	"slices"
 	"strings"
 	"time"
 
@@ -218,27 +217,13 @@ func (c *benchCert) stormTLSConfig() *tls.Config {
 func (r *stormResults) summarise() {
 	r.Median = map[serverKind]stormResult{}
 	for _, kind := range serverKinds {
-		var runs []stormResult
-		for _, run := range r.Runs {
-			if run.Server == kind {
-				runs = append(runs, run)
-			}
-		}
+		runs := runsOf(r.Runs, kind, func(run stormResult) serverKind { return run.Server })
 		if len(runs) == 0 {
 			continue
 		}
 		m := stormResult{Server: kind}
 		for _, fig := range stormFigures {
-			xs := make([]float64, len(runs))
-			for i, run := range runs {
-				xs[i] = fig.get(run)
-			}
-			slices.Sort(xs)
-			mid := xs[len(xs)/2]
-			if len(xs)%2 == 0 {
-				mid = (xs[len(xs)/2-1] + mid) / 2
-			}
-			fig.set(&m, mid)
+			fig.set(&m, medianOf(runs, fig.get))
 		}
 		r.Median[kind] = m
 	}
