@@ -41,11 +41,11 @@ log = logging.getLogger("derprelay.listener")
 LISTEN_BACKLOG = 1024
 """Connections the kernel may hold for us between two turns of the accept loop."""
 
-ACCEPT_BATCH = 32
+ACCEPT_BATCH = 16
 """Connections accepted per event-loop turn: a refusal costs tens of µs, so a turn spends
 about a millisecond at most on them; beyond, the kernel's backlog holds the storm."""
 
-HANDSHAKES_PER_TURN = 2
+HANDSHAKES_PER_TURN = 1
 """Default TLS handshakes started per event-loop turn (``--handshakes-per-turn``)."""
 
 MAX_PENDING_HANDSHAKES = 1024
