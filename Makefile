@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e node-packages cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-smoke bench-profile
+.PHONY: setup demo relay-demo test lint unit interop e2e node-packages cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-storm bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -55,6 +55,11 @@ BEFORE_TREE = $(CACHE)/bench-before-$(shell git rev-parse --short $(BEFORE))
 bench: setup
 	$(if $(BEFORE),git worktree prune && { test -d $(BEFORE_TREE) || git worktree add --detach $(BEFORE_TREE) $(BEFORE); })
 	$(BENCH) -json results.json -markdown RESULTS.md -notes method.md $(if $(BEFORE),-relay-before $(BEFORE_TREE)) $(BENCH_ARGS)
+
+## bench-storm: handshakes/s and innocent pairs' latency during a connection storm, derp-relay vs. derper; writes bench/storm.json and bench/STORM.md
+bench-storm: setup
+	$(if $(BEFORE),git worktree prune && { test -d $(BEFORE_TREE) || git worktree add --detach $(BEFORE_TREE) $(BEFORE); })
+	$(BENCH) -storm -json storm.json -markdown STORM.md $(if $(BEFORE),-relay-before $(BEFORE_TREE)) $(BENCH_ARGS)
 
 ## bench-smoke: a few seconds of the benchmark, both relays, and of bench/hotpath.py and bench/workerpath.py (checks delivery, not speed)
 bench-smoke: setup

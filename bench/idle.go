@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -12,9 +11,8 @@ import (
 	"syscall"
 	"time"
 
-	"tailscale.com/derp"
+	"derpfleet.io/bench/storm"
 	"tailscale.com/types/key"
-	"tailscale.com/types/logger"
 )
 
 // idleDialers is how many idle connections are being set up at once.
@@ -38,11 +36,6 @@ const idleDialTimeout = 30 * time.Second
 // idleSettle is how long the relay gets after the last handshake before its
 // RSS is read.
 const idleSettle = 2 * time.Second
-
-// upgradeRequest asks for DERP with fast start: the client speaks DERP at
-// once instead of waiting for the 101 (derphttp does the same).
-const upgradeRequest = "GET /derp HTTP/1.1\r\nHost: " + benchHost + "\r\n" +
-	"Upgrade: DERP\r\nConnection: Upgrade\r\n" + derp.FastStartHeader + ": 1\r\n\r\n"
 
 // idleResult is the relay's RSS with Conns idle DERP clients connected.
 type idleResult struct {
@@ -166,23 +159,7 @@ func handshakeIdle(ctx context.Context, conn *tls.Conn) error {
 	if err := conn.HandshakeContext(ctx); err != nil {
 		return err
 	}
-	if _, err := conn.Write([]byte(upgradeRequest)); err != nil {
-		return err
-	}
-	brw := bufio.NewReadWriter(bufio.NewReader(conn), bufio.NewWriter(conn))
-	client, err := derp.NewClient(key.NewNode(), conn, brw, logger.Discard)
-	if err != nil {
-		return err
-	}
-	for {
-		m, err := client.Recv()
-		if err != nil {
-			return err
-		}
-		if _, ok := m.(derp.ServerInfoMessage); ok {
-			return nil
-		}
-	}
+	return storm.DERPHandshake(conn, key.NewNode())
 }
 
 // measureIdle opens each number of idle connections in turn (ascending)

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"derpfleet.io/bench/storm"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -139,20 +140,6 @@ func connectClient(ctx context.Context, region *tailcfg.DERPRegion) (*derphttp.C
 	return c, nil
 }
 
-// awaitServerInfo reads up to the ServerInfo frame: from then on the relay
-// routes packets to this client.
-func awaitServerInfo(c *derphttp.Client) error {
-	for {
-		m, err := c.Recv()
-		if err != nil {
-			return err
-		}
-		if _, ok := m.(derp.ServerInfoMessage); ok {
-			return nil
-		}
-	}
-}
-
 // runCell measures one cell: a paced probe pair alone for the warm-up time
 // (idle latency), then the cell's senders flooding for warmup+duration with
 // the probe still running; throughput and CPU count over the window only.
@@ -175,7 +162,7 @@ func runCell(ctx context.Context, srv *server, cert *benchCert, p loadParams) (c
 	}
 	probe := flow{n, n + 1}
 	for _, f := range append(flows, probe) {
-		if err := awaitServerInfo(clients[f.to]); err != nil {
+		if err := storm.AwaitServerInfo(clients[f.to]); err != nil {
 			return res, fmt.Errorf("handshake: %w", err)
 		}
 	}

@@ -113,6 +113,12 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *stormMode {
+		if err := runStorm(ctx, cfg, specs, beforeCommit, *jsonOut, *markdownOut); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	r, err := measure(ctx, cfg, specs, *profileDir, *profileFmt)
 	if err != nil {
 		log.Fatal(err)

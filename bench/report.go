@@ -66,12 +66,7 @@ type serverRun struct {
 func (r *results) summarise() {
 	r.Median = map[serverKind]serverRun{}
 	for _, kind := range serverKinds {
-		var runs []serverRun
-		for _, run := range r.Runs {
-			if run.Server == kind {
-				runs = append(runs, run)
-			}
-		}
+		runs := runsOf(r.Runs, kind, func(run serverRun) serverKind { return run.Server })
 		if len(runs) == 0 {
 			continue
 		}
@@ -108,7 +103,19 @@ func (r *results) summarise() {
 	}
 }
 
-func medianOf(runs []serverRun, f func(serverRun) float64) float64 {
+// runsOf is the runs of one kind of server, in round order.
+func runsOf[T any](runs []T, kind serverKind, server func(T) serverKind) []T {
+	var out []T
+	for _, run := range runs {
+		if server(run) == kind {
+			out = append(out, run)
+		}
+	}
+	return out
+}
+
+// medianOf is the median of one figure over runs.
+func medianOf[T any](runs []T, f func(T) float64) float64 {
 	xs := make([]float64, len(runs))
 	for i, run := range runs {
 		xs[i] = f(run)

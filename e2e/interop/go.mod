@@ -2,7 +2,10 @@ module derpfleet.io/e2e/interop
 
 go 1.26.6
 
-require tailscale.com v1.102.5
+require (
+	derpfleet.io/bench v0.0.0
+	tailscale.com v1.102.5
+)
 
 require (
 	9fans.net/go v0.0.8-0.20250307142834-96bdba94b63f // indirect
@@ -133,3 +136,6 @@ tool (
 	tailscale.com/cmd/tailscale
 	tailscale.com/cmd/tailscaled
 )
+
+// The storm load (package storm) is the benchmark's, used here as the interop test's.
+replace derpfleet.io/bench => ../../bench

@@ -275,6 +275,9 @@ def server_ssl_context(material: CertMaterial, extra_chain_pem: bytes = b"") -> 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    # TLS 1.3 session tickets (OpenSSL sends two after every handshake) cost
+    # CPU and bytes per connection, and no Tailscale client keeps a session cache.
+    context.num_tickets = 0
     # load_cert_chain reads files only: stage the PEMs in a private temporary directory.
     with tempfile.TemporaryDirectory(prefix="derp-relay-tls-") as tmp:
         chain_path = Path(tmp) / "chain.pem"

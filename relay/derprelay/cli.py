@@ -32,6 +32,13 @@ from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
 from .http import HomePage, HttpSite, start_listener
 from .keys import KeyFormatError, MeshKey, NodePrivateKey, public_key_text
+from .listener import (
+    HANDSHAKES_PER_TURN,
+    MAX_PENDING_HANDSHAKES,
+    PENDING_WAIT_MAX,
+    HandshakeLimits,
+    RelayListener,
+)
 from .mesh import Mesh, MeshConfigError, parse_mesh_with
 from .ratelimit import TokenBucket
 from .server import HANDSHAKE_TIMEOUT, SEND_QUEUE_DEPTH, WRITE_TIMEOUT, RateLimit, RelayServer
@@ -131,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--accept-connection-burst", type=int, default=sys.maxsize, help="burst of new connections"
+    )
+    p.add_argument(
+        "--handshakes-per-turn",
+        type=int,
+        default=HANDSHAKES_PER_TURN,
+        help="TLS handshakes a worker starts per event-loop turn; established clients are served between "
+        "batches, so an accept storm cannot stall them",
+    )
+    p.add_argument(
+        "--max-pending-handshakes",
+        type=int,
+        default=MAX_PENDING_HANDSHAKES,
+        help="accepted connections that may wait for their TLS handshake, per worker; more are refused "
+        f"(closed at once), as are those that waited over {PENDING_WAIT_MAX:g}s",
     )
     p.add_argument(
         "--per-client-rate-limit", type=int, default=0, help="bytes/s each client may send (0: no limit)"
@@ -289,6 +310,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         raise ConfigError("--mesh-with and --mesh-with-file need --mesh-psk-file")
     if args.per_client_rate_limit < 0 or args.send_queue_depth < 1:
         raise ConfigError("--per-client-rate-limit must be >= 0 and --send-queue-depth >= 1")
+    if args.handshakes_per_turn < 1 or args.max_pending_handshakes < 0:
+        raise ConfigError("--handshakes-per-turn must be at least 1 and --max-pending-handshakes at least 0")
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if args.cert_reload_interval < 0:
@@ -444,7 +467,7 @@ class Relay:
             self.mesh_peers = parse_mesh_with(args.mesh_with)
         except MeshConfigError as exc:
             raise ConfigError(f"--mesh-with: {exc}") from None
-        self._listener: asyncio.Server | None = None
+        self._listener: RelayListener | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._mesh: Mesh | None = None
@@ -477,7 +500,6 @@ class Relay:
             self.server,
             debug=self.debug,
             bootstrap_dns=lambda: _bootstrap_dns(names),
-            accept_limit=accept_limit,
             home=s.home,
         )
         worker = self.worker
@@ -485,12 +507,14 @@ class Relay:
             # Before the listener: a client must not register where the news cannot go yet.
             await self.hub.connect(worker.links)
         try:
-            self._listener = await start_listener(
+            self._listener = start_listener(
                 site,
                 s.host,
                 s.port,
                 self.served_cert.listener_context if self.served_cert else None,
                 sock=worker.derp_socket if worker else None,
+                limits=HandshakeLimits(args.handshakes_per_turn, args.max_pending_handshakes),
+                accept_limit=accept_limit,
             )
         except OSError as exc:
             raise ConfigError(f"-a {args.addr}: cannot listen: {exc.strerror}") from None

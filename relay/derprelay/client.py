@@ -89,13 +89,16 @@ class DerpClient:
         if not isinstance(first, f.ServerKey):
             raise DerpClientError(f"expected SERVER_KEY from the server, got {type(first).__name__}")
         self.server_public_key = first.public_key
-        sealed = private_key.seal_to(first.public_key, info.to_json())
-        self._send_now(f.ClientInfo(private_key.public, sealed).encode())
+        try:
+            box = private_key.box_with(first.public_key)
+        except ValueError as exc:
+            raise DerpClientError(f"unusable server key: {exc}") from None
+        self._send_now(f.ClientInfo(private_key.public, box.seal(info.to_json())).encode())
         reply = await self._next_frame()
         if not isinstance(reply, f.ServerInfo):
             raise DerpClientError(f"expected SERVER_INFO from the server, got {type(reply).__name__}")
         try:
-            plain = private_key.open_from(first.public_key, reply.sealed_info)
+            plain = box.open(reply.sealed_info)
         except ValueError as exc:
             raise DerpClientError(f"server info does not open: {exc}") from None
         self.server_info = f.ServerInfoMessage.from_json(plain)

@@ -23,6 +23,7 @@ from . import http11
 from . import websocket as ws
 from .debug import DebugSite, Reply
 from .frames import PROTOCOL_VERSION
+from .listener import HandshakeLimits, RelayListener, bind_sockets
 from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
@@ -45,9 +46,6 @@ TCP_RTT_INTERVAL = 10.0
 
 TCP_INFO_LEN = 104
 """Bytes of struct tcp_info to ask for: enough for tcpi_rtt on every Linux since 2.6."""
-
-LISTEN_BACKLOG = 1024
-"""Connections the kernel may hold for us before we accept them (an accept storm's burst)."""
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Transport buffer above which a client counts as not reading (pause_writing)."""
@@ -98,7 +96,6 @@ class HttpSite:
     debug: DebugSite | None = None
     """``/debug/`` and ``/metrics``; None answers 404 there."""
     bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
-    accept_limit: TokenBucket | None = None
     home: HomePage = DEFAULT_HOME
     stats: RelayStats = field(init=False)
 
@@ -138,14 +135,7 @@ class RelayHttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        limit = self._site.accept_limit
-        if limit is not None and not limit.try_take(1, asyncio.get_running_loop().time()):
-            self._site.stats.connections_closed["accept_rate_limited"] += 1
-            self._transport.abort()
-            self._phase = _Phase.CLOSED
-            return
         stats = self._site.stats
-        stats.tcp_accepts += 1
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self._tls_version = str(ssl_object.version()).removeprefix("TLSv")
@@ -429,31 +419,23 @@ def _no_content_headers(challenge: str) -> list[tuple[str, str]]:
     return headers
 
 
-async def start_listener(
+def start_listener(
     site: HttpSite,
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None,
     *,
     sock: socket.socket | None = None,
-) -> asyncio.Server:
+    limits: HandshakeLimits | None = None,
+    accept_limit: TokenBucket | None = None,
+) -> RelayListener:
     """Listen for relay connections (TLS when ``ssl_context`` is given), or serve a bound ``sock``."""
-    loop = asyncio.get_running_loop()
-    handshake_timeout = site.server.handshake_timeout if ssl_context else None
-    if sock is not None:
-        return await loop.create_server(
-            lambda: RelayHttpProtocol(site),
-            sock=sock,
-            ssl=ssl_context,
-            backlog=LISTEN_BACKLOG,
-            ssl_handshake_timeout=handshake_timeout,
-        )
-    return await loop.create_server(
+    return RelayListener(
+        [sock] if sock is not None else bind_sockets(host, port, socket.SOCK_STREAM, 1),
         lambda: RelayHttpProtocol(site),
-        host=host or None,
-        port=port,
-        ssl=ssl_context,
-        reuse_address=True,
-        backlog=LISTEN_BACKLOG,
-        ssl_handshake_timeout=handshake_timeout,
+        ssl_context,
+        stats=site.stats,
+        handshake_timeout=site.server.handshake_timeout,
+        limits=limits or HandshakeLimits(),
+        accept_limit=accept_limit,
     )

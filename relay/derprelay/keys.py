@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.utils
@@ -96,21 +97,53 @@ class NodePrivateKey:
         """The raw public key that peers address this node by."""
         return bytes(nacl.public.PrivateKey(self.raw).public_key)
 
+    def box_with(self, peer_public: bytes) -> SharedBox:
+        """The NaCl box between this key and ``peer_public``: the key agreement, done once."""
+        if len(peer_public) != KEY_LEN:
+            raise BoxOpenError(f"peer public key must be {KEY_LEN} bytes, got {len(peer_public)}")
+        try:
+            shared = nacl.bindings.crypto_box_beforenm(peer_public, self.raw)
+        except nacl.exceptions.CryptoError:
+            raise BoxOpenError(f"no key agreement with key {short_key(peer_public)}") from None
+        return SharedBox(shared, peer_public)
+
     def seal_to(self, peer_public: bytes, message: bytes) -> bytes:
         """Seal ``message`` to ``peer_public``; returns ``nonce || box``."""
-        box = nacl.public.Box(nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer_public))
-        return bytes(box.encrypt(message, nacl.utils.random(NONCE_LEN)))
+        return self.box_with(peer_public).seal(message)
 
     def open_from(self, peer_public: bytes, sealed: bytes) -> bytes:
         """Open a ``nonce || box`` that ``peer_public`` sealed to us."""
+        return self.box_with(peer_public).open(sealed)
+
+
+class SharedBox:
+    """``crypto_box`` with the Curve25519 key agreement already made.
+
+    Opening ClientInfo and sealing ServerInfo need the same shared key;
+    computing it is the costly part (a Curve25519 scalar multiplication), so
+    a handshake computes it once and keeps this for both directions.
+    """
+
+    __slots__ = ("_peer", "_shared")
+
+    def __init__(self, shared: bytes, peer_public: bytes) -> None:
+        self._shared = shared
+        self._peer = peer_public
+
+    def seal(self, message: bytes) -> bytes:
+        """Seal ``message`` under a fresh random nonce; returns ``nonce || box``."""
+        nonce = nacl.utils.random(NONCE_LEN)
+        return nonce + nacl.bindings.crypto_box_afternm(message, nonce, self._shared)
+
+    def open(self, sealed: bytes) -> bytes:
+        """Open a ``nonce || box`` sealed by the peer."""
         if len(sealed) < NONCE_LEN:
             raise BoxOpenError(f"sealed box of {len(sealed)} bytes is shorter than its nonce")
         try:
-            box = nacl.public.Box(nacl.public.PrivateKey(self.raw), nacl.public.PublicKey(peer_public))
-            return bytes(box.decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
+            return nacl.bindings.crypto_box_open_afternm(sealed[NONCE_LEN:], sealed[:NONCE_LEN], self._shared)
         except nacl.exceptions.CryptoError:
             raise BoxOpenError(
-                f"box of {len(sealed)} bytes does not open with key {short_key(peer_public)}"
+                f"box of {len(sealed)} bytes does not open with key {short_key(self._peer)}"
             ) from None
 
 

@@ -59,6 +59,15 @@ class DropReason(enum.StrEnum):
     WORKER_BACKLOG = "worker_backlog"
 
 
+class ShedReason(enum.StrEnum):
+    """Why the listener refused a connection before its TLS handshake (``derp_handshakes_shed``)."""
+
+    QUEUE_FULL = "queue_full"
+    """--max-pending-handshakes connections were already waiting."""
+    WAITED_TOO_LONG = "waited_too_long"
+    """It waited longer than a client is likely to."""
+
+
 PACKET_KINDS = ("disco", "other")
 """derper's ``kind`` label: disco packets, and everything else (WireGuard)."""
 
@@ -132,6 +141,10 @@ class RelayStats:
     tls_versions_active: Counter[str] = field(default_factory=Counter)
     tcp_rtt: Counter[str] = field(default_factory=Counter)
     """RTT samples of client connections by derper's ``le`` label (see :func:`tcp_rtt_label`)."""
+    handshakes_pending: int = 0
+    """Accepted connections waiting for their TLS handshake to start (a gauge, kept by the listener)."""
+    handshakes_shed: Counter[str] = field(default_factory=Counter)
+    """Connections refused before their TLS handshake, by :class:`ShedReason`."""
 
     def drop(self, reason: str, packet: bytes) -> None:
         kind = "disco" if looks_like_disco(packet) else "other"
@@ -413,7 +426,12 @@ def relay_families(
             "family",
             ((family, s.stun_families[family]) for family in ("ipv4", "ipv6")),
         ),
-        _one("tls_listener_accepted_connections", c, "TCP connections accepted", s.tcp_accepts),
+        _one(
+            "tls_listener_accepted_connections",
+            c,
+            "TCP connections accepted (those over --accept-connection-limit not counted)",
+            s.tcp_accepts,
+        ),
         _one(
             "tls_listener_rejected_connections",
             c,
@@ -452,6 +470,19 @@ def relay_families(
         # --- ours -------------------------------------------------------------
         _labelled("derp_connections_closed", c, "Connections closed, by reason", "reason", closed.items()),
         _labelled("derp_http_requests", c, "HTTP requests, by route", "route", s.http_requests.items()),
+        _labelled(
+            "derp_handshakes_shed",
+            c,
+            "Connections refused before their TLS handshake, as too many waited or one waited too long",
+            "reason",
+            ((reason, s.handshakes_shed[reason]) for reason in ShedReason),
+        ),
+        _one(
+            "derp_handshakes_pending",
+            gauge,
+            "Accepted connections waiting for their TLS handshake to start",
+            s.handshakes_pending,
+        ),
         _one("derp_mesh_peers_connected", gauge, "Outgoing mesh links that are up", g.mesh_peers_connected),
         _labelled(
             "derp_mesh_peer_up",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import frames as f
-from .keys import KEY_LEN, BoxOpenError, MeshKey, NodePrivateKey, short_key
+from .keys import KEY_LEN, BoxOpenError, MeshKey, NodePrivateKey, SharedBox, short_key
 from .metrics import (
     DISCO_FIRST_BYTE,
     DISCO_MAGIC,
@@ -610,6 +610,8 @@ class ClientConnection:
             server.handshake_timeout, self._handshake_timed_out
         )
         self._recv_limit: TokenBucket | None = None
+        self._box: SharedBox | None = None
+        """The key agreement with the client, from opening its ClientInfo to sealing our ServerInfo."""
         self._peer_gone_limit = TokenBucket(
             PEER_GONE_NOT_HERE_RATE, PEER_GONE_NOT_HERE_BURST, self._loop.time()
         )
@@ -670,12 +672,14 @@ class ClientConnection:
         if not isinstance(frame, f.ClientInfo):
             raise f.MalformedFrameError(f"expected CLIENT_INFO first, got {type(frame).__name__}")
         try:
-            plain = self.server.private_key.open_from(frame.public_key, frame.sealed_info)
+            box = self.server.private_key.box_with(frame.public_key)
+            plain = box.open(frame.sealed_info)
             info = f.ClientInfoMessage.from_json(plain)
         except (BoxOpenError, f.MalformedFrameError) as exc:
             self.close(CloseReason.BAD_CLIENT_INFO, str(exc))
             return False
         self.key = frame.public_key
+        self._box = box
         self._label = f"{self.remote}{short_key(self.key)}"
         mesh_key = self.server.mesh_key
         self.can_mesh = bool(info.mesh_key) and mesh_key is not None and mesh_key.matches(info.mesh_key)
@@ -716,7 +720,9 @@ class ClientConnection:
             )
             self._recv_limit = TokenBucket(limit.bytes_per_second, limit.burst_bytes, self._loop.time())
         self._state = _State.RUNNING
-        self.queue_control([f.ServerInfo(server.private_key.seal_to(self.key, info.to_json())).encode()])
+        assert self._box is not None
+        self.queue_control([f.ServerInfo(self._box.seal(info.to_json())).encode()])
+        self._box = None  # the handshake's only use of it is over
         server.stats.accepts += 1
         server.register(self)
         if server.workers is not None:

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .http import LISTEN_BACKLOG
+from .listener import bind_sockets
 
 log = logging.getLogger("derprelay.supervisor")
 
@@ -132,12 +132,12 @@ class SharedSockets:
 
 def bind_shared(host: str, port: int, stun_port: int | None, count: int) -> SharedSockets:
     """Bind ``count`` DERP (TCP) and STUN (UDP) sockets each to one port; port 0 picks one for all."""
-    derp = _bind_group(host, port, socket.SOCK_STREAM, count)
+    derp = bind_sockets(host, port, socket.SOCK_STREAM, count)
     stun: list[socket.socket | None] = [None] * count
     bound_stun = 0
     if stun_port is not None:
         try:
-            stun = list(_bind_group(host, stun_port, socket.SOCK_DGRAM, count))
+            stun = list(bind_sockets(host, stun_port, socket.SOCK_DGRAM, count))
         except OSError:
             for sock in derp:
                 sock.close()
@@ -146,49 +146,6 @@ def bind_shared(host: str, port: int, stun_port: int | None, count: int) -> Shar
         assert first is not None
         bound_stun = first.getsockname()[1]
     return SharedSockets(derp, stun, derp[0].getsockname()[1], bound_stun)
-
-
-def _bind_group(host: str, port: int, kind: socket.SocketKind, count: int) -> list[socket.socket]:
-    """Sockets for ``host``: an empty host listens on IPv6 and IPv4 alike (or IPv4 alone)."""
-    if host:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)[0]
-        candidates = [(family, address)]
-    else:
-        candidates = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
-    error: OSError | None = None
-    for family, address in candidates:
-        group: list[socket.socket] = []
-        try:
-            group.append(_bind_one(family, kind, address, dual_stack=not host))
-            same_port = (address[0], group[0].getsockname()[1], *address[2:])  # port 0 chose one
-            while len(group) < count:
-                group.append(_bind_one(family, kind, same_port, dual_stack=not host))
-            return group
-        except OSError as exc:
-            error = exc
-            for sock in group:
-                sock.close()
-    assert error is not None
-    raise error
-
-
-def _bind_one(
-    family: socket.AddressFamily, kind: socket.SocketKind, address: tuple[object, ...], *, dual_stack: bool
-) -> socket.socket:
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6 and dual_stack:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
-        if kind == socket.SOCK_STREAM:
-            sock.listen(LISTEN_BACKLOG)  # before the fork: no connection is refused meanwhile
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 # --- forking and watching --------------------------------------------------------------
