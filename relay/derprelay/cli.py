@@ -44,6 +44,7 @@ from .ratelimit import TokenBucket
 from .server import HANDSHAKE_TIMEOUT, SEND_QUEUE_DEPTH, WRITE_TIMEOUT, RateLimit, RelayServer
 from .stunserver import start_stun_server
 from .supervisor import WorkerSetup
+from .tasks import cancel_and_wait
 from .workerlinks import WorkerHub, worker_family
 
 log = logging.getLogger("derprelay")
@@ -555,9 +556,7 @@ class Relay:
             self._listener.close()
         if self._stun is not None:
             self._stun.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._mesh is not None:
             await self._mesh.close()
         await self.server.shutdown(SHUTDOWN_GRACE)
@@ -611,6 +610,19 @@ def _ready(listening: Listening, worker_pids: list[int]) -> None:
     _announce(listening, status, settings.args.dev)
 
 
+def _parent_gone(loop: asyncio.AbstractEventLoop, lifeline: int, stop: asyncio.Event) -> None:
+    """The lifeline pipe is readable only at end of file: the supervisor is gone, so this worker goes too.
+
+    The reader is removed at once (a pipe at end of file stays readable, and
+    would be called back on every turn of the loop), and should the graceful
+    stop hang, the worker exits anyway rather than outlive its relay.
+    """
+    loop.remove_reader(lifeline)
+    log.warning("the supervisor is gone; stopping this worker")
+    stop.set()
+    loop.call_later(supervisor.WORKER_STOP_TIMEOUT, os._exit, 1)
+
+
 async def serve(settings: Settings, worker: WorkerSetup | None = None) -> None:
     """Run the relay, or one worker of it, until SIGTERM/SIGINT (or, for a worker, its parent is gone)."""
     relay = Relay(settings, worker)
@@ -622,7 +634,7 @@ async def serve(settings: Settings, worker: WorkerSetup | None = None) -> None:
     if worker is None:
         _ready(relay.listening, [os.getpid()])
     else:
-        loop.add_reader(worker.lifeline, stop.set)  # readable only at end of file: the parent is gone
+        loop.add_reader(worker.lifeline, _parent_gone, loop, worker.lifeline, stop)
         os.write(worker.ready, b"+")
     await stop.wait()
     log.info("shutting down: telling %d clients to reconnect", relay.server.gauges().current_connections)

@@ -21,6 +21,7 @@ from .client import DerpClient, DerpClientError, Endpoint, connect
 from .keys import NodePrivateKey
 from .metrics import MeshPeerState
 from .server import RelayServer
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("derprelay.mesh")
 
@@ -223,6 +224,8 @@ class Mesh:
         self._own_hosts = own_hosts
         self._links: dict[MeshPeer, asyncio.Task[None]] = {}
         self._link_of: dict[MeshPeer, MeshLink] = {}
+        self._hangups: set[asyncio.Task[None]] = set()
+        """Links being cancelled after their peer left the list."""
 
     @property
     def peers(self) -> list[MeshPeer]:
@@ -240,8 +243,12 @@ class Mesh:
         wanted = {peer for peer in peers if peer.host not in self._own_hosts}
         for peer in set(self._links) - wanted:
             log.info("mesh %s: no longer a peer; hanging up", peer.host)
-            self._links.pop(peer).cancel()
             del self._link_of[peer]
+            hangup = asyncio.create_task(
+                cancel_and_wait([self._links.pop(peer)]), name=f"hang up {peer.host}"
+            )
+            self._hangups.add(hangup)
+            hangup.add_done_callback(self._hangups.discard)
         for peer in wanted - set(self._links):
             link = MeshLink(self._server, peer, self._tls, self._insecure)
             self._link_of[peer] = link
@@ -268,6 +275,4 @@ class Mesh:
         tasks = list(self._links.values())
         self._links.clear()
         self._link_of.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*tasks, *self._hangups])

@@ -221,3 +221,25 @@ async def test_a_killed_worker_stops_the_relay_with_an_error(workers: RelayProce
         await survivor_clients.close()
     assert workers.process.returncode == 1
     assert "worker 1" in workers.log() and "died: signal SIGKILL" in workers.log()
+
+
+async def test_the_workers_of_a_killed_supervisor_say_restarting_and_exit(workers: RelayProcess) -> None:
+    """SIGKILL of the supervisor (an OOM kill, say): its workers say Restarting, then exit on their own."""
+    clients = Clients(workers)
+    try:
+        await restarting_everywhere(clients, workers.process.kill)
+    finally:
+        await clients.close()
+    worker_pids = workers.status["workers"]
+
+    def all_gone() -> bool:
+        gone = []
+        for pid in worker_pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(pid)
+        return len(gone) == len(worker_pids)
+
+    await wait_for(all_gone, "every worker to exit after its supervisor was killed", timeout=30)
+    assert workers.log().count("the supervisor is gone; stopping this worker") == WORKERS
