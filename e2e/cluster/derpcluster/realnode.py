@@ -132,6 +132,8 @@ def _create_network() -> None:
         ("sysctl", "-q", "-w", "net.ipv4.ip_forward=1"),
     ):
         _run(*_in_netns(*argv))
+    # The host reaches pods at their own addresses, as a cluster's machines route each node's pod range.
+    _run("ip", "route", "add", POD_CIDR, "via", NODE_IP, "dev", HOST_LINK)
 
 
 def _cni_config(directory: Path) -> None:
