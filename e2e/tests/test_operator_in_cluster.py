@@ -10,12 +10,13 @@ DerpRegion on the node Ready by probes the operator sends from the pod
 network to the node's hostPorts, its map in the ConfigMap and at the
 leader's ``/derpmap.json`` (asked from the host at the pod's IP); the
 leader evicted, the budget refusing the second eviction, and the standby
-taking the Lease and publishing.
+taking the Lease and publishing; and ``helm test`` passing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -77,7 +78,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalC
             *("install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace"),
             *("--set-json", f"nodeSelector={json.dumps(ON_THE_REAL_NODE['nodeSelector'])}"),
             *("--set-json", f"tolerations={json.dumps(ON_THE_REAL_NODE['tolerations'])}"),
-            *("--set", "derpMap.probeInterval=2"),
+            *("--set", "derpMap.probeInterval=2", "--set-json", f"tests.expectRegions=[{REGION_ID}]"),
             *("--wait", "--timeout", "180s"),
         )
         assert installing.returncode == 0, installing.stdout + installing.stderr
@@ -248,3 +249,16 @@ def test_the_standby_takes_over_when_the_leader_is_evicted(installed: tuple[Loca
     assert condition(kubectl.region("real"), "Ready").get("status") == "True"
     replaced = two_ready_replicas(kubectl)
     assert leader_name not in {p["metadata"]["name"] for p in replaced}
+
+
+def test_helm_test_passes(installed: tuple[LocalCluster, Kubectl]) -> None:
+    """The chart's own test pod: every replica's /healthz, one leader, the published map served."""
+    cluster, kubectl = installed
+    two_ready_replicas(kubectl)
+    started = time.monotonic()
+    tested = helm(cluster, "test", RELEASE, "-n", OPERATOR_NAMESPACE, "--logs", "--timeout", "180s")
+    print(f"INCLUSTER helm test: {time.monotonic() - started:.1f}s")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert re.search(r"^Phase:\s+Succeeded$", tested.stdout, re.MULTILINE), tested.stdout
+    assert f"regions [{REGION_ID}]" in tested.stdout, tested.stdout
+    assert "\nok\n" in tested.stdout, tested.stdout
