@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy bench/hotpath.py bench/workerpath.py
+	$(BIN)/mypy bench/hotpath.py bench/workerpath.py charts/derpfleet/files/helm_test.py
 
 unit: setup
 	$(BIN)/pytest

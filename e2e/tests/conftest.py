@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from derpcluster import LocalCluster, binaries, down, up
+from derpcluster import LocalCluster, binaries, down, realnode, up
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +97,20 @@ REGION = "lab"
 PROBE_INTERVAL = "2"
 SERVICE_ACCOUNT = "derpfleet-operator"
 T = TypeVar("T")
+
+
+ON_THE_REAL_NODE: dict[str, Any] = {
+    "nodeSelector": {realnode.NODE_LABEL: "real"},
+    "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+}
+"""What a pod spec (or a DerpRegion's spec, or the chart's values) says to run on the real node, which is tainted."""
+REAL_NODE_REGION: dict[str, Any] = {
+    "apiVersion": "derpfleet.io/v1alpha1",
+    "kind": "DerpRegion",
+    "metadata": {"name": "real", "namespace": NAMESPACE},
+    "spec": {"regionID": 950, "regionCode": "real", "replicas": 1, **ON_THE_REAL_NODE},
+}
+"""A one-relay region on the real node (the only one there is)."""
 
 
 def wait_for(what: str, fetch: Callable[[], T], accept: Callable[[T], bool], timeout: float = WAIT) -> T:

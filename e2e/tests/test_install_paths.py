@@ -84,16 +84,25 @@ def test_the_values_schema_rejects_bad_values_naming_them(
     ids=["defaults", "watch-namespaces", "one-replica"],
 )
 def test_the_api_server_accepts_what_the_chart_renders(cluster: LocalCluster, values: list[str]) -> None:
-    """A server-side dry run: the real API server validates every object, admission included."""
+    """A server-side dry run: the real API server validates every object, admission included.
+
+    The ``helm test`` pod stays out: admission refuses a pod whose
+    ServiceAccount does not exist, and in a dry run none does (by the time
+    ``helm test`` creates the pod, the install has made it).
+    """
     cluster.kubectl("create", "namespace", DRY_RUN_NAMESPACE, check=False)
     try:
         rendered = helm(
-            cluster, "template", "derpfleet", str(CHART), "-n", DRY_RUN_NAMESPACE, "--include-crds", *values
+            cluster,
+            *("template", "derpfleet", str(CHART), "-n", DRY_RUN_NAMESPACE),
+            *("--include-crds", "--skip-tests", *values),
         ).stdout
         applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
         assert applied.returncode == 0, applied.stderr
         kinds = {line.split("/")[0] for line in applied.stdout.splitlines()}
         assert {"deployment.apps", "service", "serviceaccount"} <= kinds, applied.stdout
+        two_replicas = "replicaCount=1" not in values
+        assert ("poddisruptionbudget.policy" in kinds) == two_replicas, applied.stdout
     finally:
         cluster.kubectl("delete", "namespace", DRY_RUN_NAMESPACE, "--wait=true", check=False)
 
@@ -157,6 +166,7 @@ def test_a_namespaced_install_grants_rights_in_the_watched_namespaces_only(clust
         "-n",
         release_namespace,
         "--include-crds",  # can-i finds derpregions through discovery
+        "--skip-tests",  # applied as kubectl users do, like the bundle
         "--set",
         f"watchNamespaces={{{watched}}}",
     ).stdout

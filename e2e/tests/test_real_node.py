@@ -1,7 +1,8 @@
 """The real node: a kubelet with containerd, runc and CNI, registered with the real control plane.
 
 Its own cluster (no fake nodes), started for this module: the node is
-Ready with a stamped kubelet version; a pod runs in a container from an
+Ready with a stamped kubelet version; a pod reaches the API server at the
+``kubernetes`` Service with the token the kubelet projected; a pod runs in a container from an
 image built here, under the securityContext it asks for, with a ConfigMap
 the kubelet mounts and updates; its hostPort is reached from the host at the
 node's address, and the pod sees the client's own address (no masquerade);
@@ -30,7 +31,9 @@ from typing import Any
 import pytest
 import yaml
 from conftest import (
+    ON_THE_REAL_NODE,
     OPERATOR_NAMESPACE,
+    REAL_NODE_REGION,
     REPO,
     Kubectl,
     OperatorProcess,
@@ -41,6 +44,7 @@ from conftest import (
     wait_until,
 )
 from derpcluster import LocalCluster, down, images, realnode, up
+from derpcluster.controlplane import KUBERNETES_SERVICE_IP
 from derprelay import frames, stun
 from derprelay.certs import generate_self_signed
 from derprelay.client import Endpoint, connect
@@ -49,11 +53,6 @@ from derprelay.keys import MeshKey, NodePrivateKey
 HOST_PORT = 18080
 """Bound by portmap in the node's namespace only; the test also listens on it at 127.0.0.1."""
 pytestmark = pytest.mark.timeout(300)
-ON_THE_REAL_NODE: dict[str, Any] = {
-    "nodeSelector": {realnode.NODE_LABEL: "real"},
-    "tolerations": [{"key": realnode.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-}
-"""What a pod spec (or a DerpRegion's spec) says to run on the real node, which is tainted."""
 
 
 def host_state(state_dir: Path) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def host_state(state_dir: Path) -> dict[str, Any]:
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalCluster, dict[str, Any]]]:
     state = tmp_path_factory.mktemp("realnode")
     before = host_state(state)
-    cluster = up(state, nodes={}, progress=False, real_node=True, images=(images.RELAY,))
+    cluster = up(state, nodes={}, progress=False, real_node=True, images=(images.RELAY, images.OPERATOR))
     try:
         yield cluster, before
     finally:
@@ -105,6 +104,62 @@ def test_the_node_registers_ready_with_its_own_address_and_versions(
     assert info["containerRuntimeVersion"].startswith("containerd://1.")
     assert [t["key"] for t in node["spec"].get("taints", [])] == [realnode.TAINT_KEY]
     assert node["metadata"]["labels"][realnode.NODE_LABEL] == "real"
+
+
+WHO_AM_I = """
+import json
+from kubernetes import client, config
+config.load_incluster_config()
+api = client.ApiClient()
+review = client.AuthenticationV1Api(api).create_self_subject_review(
+    {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+)
+print(json.dumps({"host": api.configuration.host, "user": api.sanitize_for_serialization(review.status.user_info)}))
+"""
+"""In a pod: who the API server says we are, asked the way every in-cluster client asks."""
+
+
+def test_a_pod_reaches_the_api_server_through_the_kubernetes_service(
+    real: tuple[LocalCluster, dict[str, Any]],
+) -> None:
+    """The ClusterIP the kubelet hands pods, the CA and the token it projects: a real in-cluster client."""
+    cluster, _ = real
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "whoami", "namespace": "default"},
+        "spec": {
+            **ON_THE_REAL_NODE,
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+            "containers": [
+                {
+                    "name": "whoami",
+                    "image": images.OPERATOR.reference,
+                    "imagePullPolicy": "Never",
+                    "command": ["python3", "-c", WHO_AM_I],
+                }
+            ],
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pod))
+    try:
+
+        def finished() -> str:
+            phase = str(get(cluster, "pod", "whoami")["status"].get("phase", ""))
+            return phase if phase in ("Succeeded", "Failed") else ""
+
+        phase = wait_until("the whoami pod to finish", finished, timeout=120)
+        logs = cluster.kubectl("logs", "whoami").stdout
+        assert phase == "Succeeded", logs
+        answer = json.loads(logs.strip().splitlines()[-1])
+        assert answer["host"] == f"https://{KUBERNETES_SERVICE_IP}:443"
+        user = answer["user"]
+        assert user["username"] == "system:serviceaccount:default:default"
+        # A token bound to this pod: the one the kubelet projected, not one made for the test.
+        assert user["extra"]["authentication.kubernetes.io/pod-name"] == ["whoami"]
+    finally:
+        cluster.kubectl("delete", "pod", "whoami", "--wait=true", "--timeout=60s", check=False)
 
 
 def echo_pod() -> list[dict[str, Any]]:
@@ -442,19 +497,6 @@ def test_the_relay_follows_its_mesh_peers_when_the_kubelet_updates_the_configmap
         peer.wait(30)
 
 
-REGION = {
-    "apiVersion": "derpfleet.io/v1alpha1",
-    "kind": "DerpRegion",
-    "metadata": {"name": "real", "namespace": "derp"},
-    "spec": {
-        "regionID": 950,
-        "regionCode": "real",
-        "replicas": 1,
-        **ON_THE_REAL_NODE,
-    },
-}
-
-
 async def restarting_frame_on_delete(
     cluster: LocalCluster, url: str, pin: str, pod: str
 ) -> frames.Restarting:
@@ -480,7 +522,7 @@ def test_the_operators_relay_runs_from_its_image_on_the_real_node(
     )
     operator.start()
     try:
-        kubectl("apply", "-f", "-", input=yaml.safe_dump(REGION))
+        kubectl("apply", "-f", "-", input=yaml.safe_dump(REAL_NODE_REGION))
         region = wait_until(
             "the region Ready: the operator's STUN, DERP and ping probes through the node's hostPorts",
             lambda: (r := kubectl.region("real")) and condition(r, "Ready").get("status") == "True" and r,
@@ -528,7 +570,7 @@ def test_the_operators_relay_runs_from_its_image_on_the_real_node(
         )
     finally:
         # The operator removes its finalizer: delete while it runs.
-        kubectl("delete", "-f", "-", "--timeout=50s", input=yaml.safe_dump(REGION), check=False)
+        kubectl("delete", "-f", "-", "--timeout=50s", input=yaml.safe_dump(REAL_NODE_REGION), check=False)
         operator.stop()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -28,7 +29,9 @@ from .binaries import Binaries
 
 HOST = "127.0.0.1"
 SERVICE_CIDR = "10.96.0.0/16"
-"""Only allocated (Service ClusterIPs in the API), never routed or dialled."""
+"""Service ClusterIPs.  No kube-proxy routes them; the real node DNATs only :data:`KUBERNETES_SERVICE_IP`."""
+KUBERNETES_SERVICE_IP = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
+"""The API server's own Service ``default/kubernetes`` gets the range's first address; pods dial it."""
 READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 PROCESSES_FILE = "processes.json"
@@ -188,7 +191,7 @@ def start(state_dir: Path, binaries: Binaries, progress: bool = True) -> Cluster
     serving_cert, serving_key = ca.issue(
         "kube-apiserver",
         dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-        ips=(HOST, "10.96.0.1"),
+        ips=(HOST, KUBERNETES_SERVICE_IP),
         server=True,
     ).write(pki_dir, "apiserver")
     sa_key, sa_pub = pki.service_account_keys(pki_dir)

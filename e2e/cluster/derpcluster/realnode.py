@@ -10,7 +10,9 @@ the host end).  The bridge, the pods' veths, every iptables chain (CNI-*,
 KUBE-*) and ``ip_forward`` are the namespace's, and go away with it; the
 host's are never touched.  Pods get addresses from :data:`POD_CIDR`, which
 exists only inside the namespace.  The kubelet reaches the API server through
-:mod:`tcpforward` on the host end of the link.
+:mod:`tcpforward` on the host end of the link, and so do its pods: the node's namespace DNATs the
+``kubernetes`` Service's ClusterIP to that forwarder, the one rule of
+kube-proxy's job that pods here need (:func:`_route_kubernetes_service`).
 
 What the node leaves outside the namespace, and :func:`stop` removes: its
 processes (containerd's shims and containers included), the cgroups under
@@ -38,7 +40,15 @@ from pathlib import Path
 from typing import Any
 
 from . import binaries, oci, pki
-from .controlplane import Cluster, ClusterError, free_port, launch, stop_processes, write_kubeconfig
+from .controlplane import (
+    KUBERNETES_SERVICE_IP,
+    Cluster,
+    ClusterError,
+    free_port,
+    launch,
+    stop_processes,
+    write_kubeconfig,
+)
 
 NODE_NAME = "node-real"
 NETNS = "derpcluster-node"
@@ -122,6 +132,8 @@ def _create_network() -> None:
         ("sysctl", "-q", "-w", "net.ipv4.ip_forward=1"),
     ):
         _run(*_in_netns(*argv))
+    # The host reaches pods at their own addresses, as a cluster's machines route each node's pod range.
+    _run("ip", "route", "add", POD_CIDR, "via", NODE_IP, "dev", HOST_LINK)
 
 
 def _cni_config(directory: Path) -> None:
@@ -148,6 +160,35 @@ def _cni_config(directory: Path) -> None:
     }
     (directory / "net.d").mkdir(parents=True, exist_ok=True)
     (directory / "net.d" / "10-derpcluster.conflist").write_text(json.dumps(config, indent=2))
+
+
+def _route_kubernetes_service(cluster: Cluster, forward_port: int) -> None:
+    """Pods reach the API server at the ``kubernetes`` Service, as kube-proxy would let them.
+
+    Pods find the API server the way every in-cluster client does: the
+    kubelet gives them ``KUBERNETES_SERVICE_HOST``/``_PORT``, the Service's
+    ClusterIP and port, and a projected ServiceAccount token.  No kube-proxy
+    runs here, so one DNAT rule in the node's namespace sends that ClusterIP
+    and port to the forwarder the kubelet uses (the API server's own address,
+    127.0.0.1, is not reachable from the namespace); the bridge's masquerade
+    makes the node's address the source.  TLS goes end to end: the API
+    server's certificate names the ClusterIP.  The rule lives and dies with
+    the namespace.
+    """
+    service = json.loads(
+        cluster.kubectl("get", "service", "kubernetes", "-n", "default", "-o", "json").stdout
+    )
+    cluster_ip = service["spec"]["clusterIP"]
+    if cluster_ip != KUBERNETES_SERVICE_IP:
+        raise ClusterError(
+            f"the kubernetes Service has ClusterIP {cluster_ip}, but the API server's certificate "
+            f"names {KUBERNETES_SERVICE_IP}"
+        )
+    (port,) = (p["port"] for p in service["spec"]["ports"] if p["name"] == "https")
+    rule = ["-d", f"{cluster_ip}/32", "-p", "tcp", "--dport", str(port)]
+    rule += ["-m", "comment", "--comment", "default/kubernetes:https"]
+    rule += ["-j", "DNAT", "--to-destination", f"{HOST_IP}:{forward_port}"]
+    _run(*_in_netns("iptables", "-t", "nat", "-A", "PREROUTING", *rule))
 
 
 # --- containerd and the kubelet ------------------------------------------------------------------
@@ -326,6 +367,7 @@ def start(cluster: Cluster, progress: bool = True, image_archives: Sequence[Path
         ],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
+    _route_kubernetes_service(cluster, forward_port)
     kubeconfig = write_kubeconfig(
         directory / "kubelet.kubeconfig",
         f"https://{HOST_IP}:{forward_port}",
