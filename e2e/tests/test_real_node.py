@@ -46,7 +46,7 @@ from conftest import (
 from derpcluster import LocalCluster, down, images, realnode, up
 from derpcluster.controlplane import KUBERNETES_SERVICE_IP
 from derprelay import frames, stun
-from derprelay.certs import generate_self_signed
+from derprelay.certs import CertMaterial, generate_self_signed
 from derprelay.client import Endpoint, connect
 from derprelay.keys import MeshKey, NodePrivateKey
 
@@ -332,21 +332,26 @@ async def relay_a_packet(url: str, pin: str) -> None:
             await client.close()
 
 
-def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
-    real: tuple[LocalCluster, dict[str, Any]],
-) -> None:
-    cluster, _ = real
-    material = generate_self_signed(RELAY_HOST)
-    secret = {
+def tls_secret(name: str, material: CertMaterial) -> dict[str, Any]:
+    """A ``kubernetes.io/tls`` Secret in ``default`` holding a relay's certificate and key."""
+    return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "kubernetes.io/tls",
-        "metadata": {"name": "relay-tls", "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default"},
         "data": {
             "tls.crt": base64.b64encode(material.cert_pem).decode(),
             "tls.key": base64.b64encode(material.key_pem).decode(),
         },
     }
+
+
+def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
+    real: tuple[LocalCluster, dict[str, Any]],
+) -> None:
+    cluster, _ = real
+    material = generate_self_signed(RELAY_HOST)
+    secret = tls_secret("relay-tls", material)
     cluster.kubectl(
         "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in (secret, relay_pod("relay-tls")))
     )
@@ -441,16 +446,7 @@ def test_the_relay_follows_its_mesh_peers_when_the_kubelet_updates_the_configmap
         stderr=subprocess.STDOUT,
     )
     objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "kubernetes.io/tls",
-            "metadata": {"name": "meshed-tls", "namespace": "default"},
-            "data": {
-                "tls.crt": base64.b64encode(material.cert_pem).decode(),
-                "tls.key": base64.b64encode(material.key_pem).decode(),
-            },
-        },
+        tls_secret("meshed-tls", material),
         {
             "apiVersion": "v1",
             "kind": "Secret",
