@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import certs, frames, metrics, supervisor
+from . import SPEEDUPS, certs, frames, metrics, supervisor
 from .admission import url_admission
 from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
@@ -531,6 +531,7 @@ def _announce(listening: Listening, status: dict[str, Any], dev: bool) -> None:
     )
     if listening.stun_port:
         log.info("STUN on udp port %d", listening.stun_port)
+    log.info("per-packet path: %s", SPEEDUPS.describe())
     if status["certName"]:
         log.info("TLS: self-signed/pinned certificate %s", status["certName"])
     if dev:
