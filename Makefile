@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # two checkouts (say, CI's and a developer's) must import from the one running.
 STAMP := $(VENV)/.installed-$(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha256sum | cut -c1-16)
 
-.PHONY: setup demo relay-demo test lint unit interop e2e node-packages cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-storm bench-smoke bench-profile
+.PHONY: setup speedups demo relay-demo test lint unit interop e2e node-packages cluster-build tailnet-build cluster-up cluster-down clean-venv chart-crds bundle bench bench-storm bench-smoke bench-profile
 
 $(STAMP): pyproject.toml
 	@echo ">> preparing the virtualenv in $(VENV) for $(CURDIR) (cached; redone when pyproject.toml changes)"
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 setup: $(STAMP)
+
+## speedups: compile the per-packet modules with mypyc (cached in $(CACHE)/speedups by source, Python and mypyc) and link them into $(VENV)
+speedups: setup
+	$(BIN)/python relay/build_speedups.py --cache $(CACHE)/speedups
 
 ## demo: a local Kubernetes, the operator and the example region: prints the probed, published DERP map
 demo: cluster-build
@@ -38,10 +42,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/mypy bench/hotpath.py bench/workerpath.py charts/derpfleet/files/helm_test.py
+	$(BIN)/mypy bench/hotpath.py bench/workerpath.py charts/derpfleet/files/helm_test.py relay/build_speedups.py
 
-unit: setup
-	$(BIN)/pytest
+# The relay's tests run twice: on the compiled modules, then on their pure-Python source.
+unit: speedups
+	DERP_RELAY_EXPECT_SPEEDUPS=compiled $(BIN)/pytest
+	DERP_RELAY_NO_SPEEDUPS=1 DERP_RELAY_EXPECT_SPEEDUPS=pure $(BIN)/pytest relay/tests
 
 interop: setup
 	@if [ -x e2e/interop/run ]; then PATH="$(BIN):$$PATH" CACHE="$(CACHE)" e2e/interop/run; \

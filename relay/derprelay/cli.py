@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import certreload, certs, frames, metrics, supervisor
+from . import SPEEDUPS, certreload, certs, frames, metrics, supervisor
 from .admission import url_admission
 from .debug import DebugAccess, DebugConfigError, DebugSite
 from .derpmap import DerpMap, DerpNode, DerpRegion
@@ -576,6 +576,7 @@ def _announce(listening: Listening, status: dict[str, Any], dev: bool) -> None:
     )
     if listening.stun_port:
         log.info("STUN on udp port %d", listening.stun_port)
+    log.info("per-packet path: %s", SPEEDUPS.describe())
     settings = listening.settings
     if settings.tls is not None and settings.cert_files is not None:
         interval = settings.args.cert_reload_interval

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from . import http11, profiling
+from . import SPEEDUPS, http11, profiling
 from .keys import public_key_text
 from .mesh import Mesh, MeshViews
 from .metrics import Identity, RelayMetrics
@@ -233,6 +233,7 @@ class DebugSite:
         facts = [
             ("Uptime", format_uptime(time.monotonic() - self.identity.started)),
             ("Version", f"derp-relay {self.identity.version}"),
+            ("Per-packet path", SPEEDUPS.describe()),
             ("Machine", socket.gethostname()),
             ("PID", str(os.getpid())),
             *(

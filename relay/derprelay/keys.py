@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from typing import Final
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.utils
 
-KEY_LEN = 32
+KEY_LEN: Final = 32
 """Length of every Curve25519 key and of the mesh key."""
 
-NONCE_LEN = 24
+NONCE_LEN: Final = 24
 """Length of the random nonce that prefixes every sealed box."""
 
 PUBLIC_KEY_PREFIX = "nodekey:"

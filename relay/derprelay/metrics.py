@@ -34,6 +34,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import SPEEDUPS
+
 DISCO_MAGIC = "TS💬".encode()
 DISCO_MIN_LEN = len(DISCO_MAGIC) + 32 + 24
 """A disco (path discovery) packet: magic, sender's disco key, nonce."""
@@ -468,6 +470,13 @@ def relay_families(
             (((identity.version, "derp-relay"), 1),),
         ),
         # --- ours -------------------------------------------------------------
+        Family(
+            "derp_relay_speedups_info",
+            gauge,
+            "1, labelled with the per-packet path this relay runs: compiled (mypyc) or pure (Python)",
+            ("path",),
+            (((SPEEDUPS.path,), 1),),
+        ),
         _labelled("derp_connections_closed", c, "Connections closed, by reason", "reason", closed.items()),
         _labelled("derp_http_requests", c, "HTTP requests, by route", "route", s.http_requests.items()),
         _labelled(

@@ -59,11 +59,18 @@ class WorkerProtocolError(f.ProtocolError):
     """A worker sent bytes no worker of this relay writes: a bug, not an attacker."""
 
 
-@dataclass(slots=True)  # not frozen: one per relayed packet, as frames.SendPacket
+@dataclass(
+    slots=True, init=False
+)  # not frozen, __init__ written out: one per relayed packet, as frames.SendPacket
 class Packet:
     source: bytes
     destination: bytes
     packet: bytes
+
+    def __init__(self, source: bytes, destination: bytes, packet: bytes) -> None:
+        self.source = source
+        self.destination = destination
+        self.packet = packet
 
     def encode(self) -> bytes:
         return b"".join(packet_parts(self.source, self.destination, self.packet))
@@ -225,4 +232,7 @@ class MessageDecoder(f.TypeLengthDecoder[Message]):
     __slots__ = ()
 
     def __init__(self) -> None:
-        super().__init__(MAX_MESSAGE_LEN, parse_message)
+        super().__init__(MAX_MESSAGE_LEN)
+
+    def parse(self, message_type: int, payload: bytes) -> Message:
+        return parse_message(message_type, payload)

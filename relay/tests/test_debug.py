@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from derprelay import SPEEDUPS, metrics, profiling
 from derprelay import frames as f
-from derprelay import metrics, profiling
 from derprelay.client import DerpClient
 from derprelay.debug import DebugAccess, DebugConfigError, describe_views, render_index, traffic_round
 from derprelay.keys import NodePrivateKey, public_key_text
@@ -176,6 +176,7 @@ async def test_debug_pages_on_a_relay(relay: RelayProcess) -> None:
             "Version:</b> derp-relay",
             "TLS hostname:</b> 127.0.0.1",
             "Mesh key:</b> false",
+            f"Per-packet path:</b> {SPEEDUPS.describe()}",  # the relay runs in this test's environment
         ):
             assert fact in page
         for link in ("/debug/vars", "/debug/varz", "/debug/pprof/profile", "/debug/check", "/debug/traffic"):
@@ -187,6 +188,9 @@ async def test_debug_pages_on_a_relay(relay: RelayProcess) -> None:
         assert metric(relay, "derp_packets_sent", path="/debug/varz") == 1
         assert metric(relay, "derp_packets_sent_total") == 1  # /metrics keeps prometheus-client's names
         assert metric(relay, "process_open_fds", path="/debug/varz") > 0
+        assert json.loads(body)["derp_relay_speedups_info"] == {f"path={SPEEDUPS.path}": 1}
+        assert metric(relay, "derp_relay_speedups_info", f'path="{SPEEDUPS.path}"') == 1
+        assert f"per-packet path: {SPEEDUPS.describe()}" in relay.log()
 
         status, _, body = fetch(relay, "/debug/pprof/goroutine")
         assert status == 200 and re.search(r"^\d+ asyncio tasks$", body.decode(), re.MULTILINE)
@@ -234,7 +238,8 @@ async def test_cpu_profile_samples_a_busy_relay(relay: RelayProcess) -> None:
     assert status == 200
     lines = body.decode().splitlines()
     assert lines and all(re.fullmatch(r".+ \d+", line) for line in lines)
-    assert any("derprelay/server.py" in line for line in lines)
+    # The Python frames of the relay's code: with the compiled modules, those of http.py that call them.
+    assert any("derprelay/http.py" in line for line in lines)
     assert sorted(answer[0] for answer in concurrent) == [200, 409]  # one SIGPROF timer per process
 
 
