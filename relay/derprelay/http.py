@@ -26,6 +26,7 @@ from .frames import PROTOCOL_VERSION
 from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
+from .tlsstream import tls_protocol_factory
 
 log = logging.getLogger("derprelay.http")
 
@@ -439,21 +440,12 @@ async def start_listener(
 ) -> asyncio.Server:
     """Listen for relay connections (TLS when ``ssl_context`` is given), or serve a bound ``sock``."""
     loop = asyncio.get_running_loop()
-    handshake_timeout = site.server.handshake_timeout if ssl_context else None
+    factory: Callable[[], asyncio.BaseProtocol] = lambda: RelayHttpProtocol(site)  # noqa: E731
+    if ssl_context is not None:
+        # Our own TLS layer (derprelay.tlsstream), not the loop's: its buffers are shared.
+        factory = tls_protocol_factory(factory, ssl_context, site.server.handshake_timeout)  # type: ignore[arg-type]
     if sock is not None:
-        return await loop.create_server(
-            lambda: RelayHttpProtocol(site),
-            sock=sock,
-            ssl=ssl_context,
-            backlog=LISTEN_BACKLOG,
-            ssl_handshake_timeout=handshake_timeout,
-        )
+        return await loop.create_server(factory, sock=sock, backlog=LISTEN_BACKLOG)
     return await loop.create_server(
-        lambda: RelayHttpProtocol(site),
-        host=host or None,
-        port=port,
-        ssl=ssl_context,
-        reuse_address=True,
-        backlog=LISTEN_BACKLOG,
-        ssl_handshake_timeout=handshake_timeout,
+        factory, host=host or None, port=port, reuse_address=True, backlog=LISTEN_BACKLOG
     )
