@@ -23,6 +23,7 @@ from . import http11
 from . import websocket as ws
 from .debug import DebugSite, Reply
 from .frames import PROTOCOL_VERSION
+from .heaptrim import HeapTrimmer
 from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
@@ -101,6 +102,8 @@ class HttpSite:
     bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
     accept_limit: TokenBucket | None = None
     home: HomePage = DEFAULT_HOME
+    heap: HeapTrimmer = field(default_factory=HeapTrimmer)
+    """Gives freed memory back to the kernel after bursts of connections (see heaptrim)."""
     stats: RelayStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,10 +134,12 @@ class RelayHttpProtocol(asyncio.Protocol):
         self._tls_version = ""
         self._answer: asyncio.Task[None] | None = None
         self._rtt_timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
 
     # --- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._site.heap.opened()
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
@@ -169,6 +174,7 @@ class RelayHttpProtocol(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._site.heap.closed()
         self._phase = _Phase.CLOSED
         if self._head_deadline is not None:
             self._head_deadline.cancel()
@@ -180,12 +186,18 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._rtt_timer.cancel()
         if self._conn is not None:
             self._conn.connection_lost()
+        # Break the cycles (us, the connection, the transport) so that refcounting frees
+        # the connection and its TLS state now, not at the next full garbage collection.
+        self._conn = None
+        self._transport = None
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self._conn is not None:
             self._conn.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self._conn is not None:
             self._conn.resume_writing()
 
@@ -201,8 +213,12 @@ class RelayHttpProtocol(asyncio.Protocol):
             transport.write(b"".join(data) if len(data) > 1 else data[0])
 
     def close(self) -> None:
+        """Close after a flush; a client that is not reading gets no flush, and frees its buffers now."""
         if self._transport is not None:
-            self._transport.close()
+            if self._writing_paused:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -126,6 +126,8 @@ class RelayStats:
     bytes_dropped: Counter[tuple[str, str]] = field(default_factory=Counter)
     connections_closed: Counter[str] = field(default_factory=Counter)
     peer_gone_frames: Counter[str] = field(default_factory=Counter)
+    control_frames_dropped: Counter[str] = field(default_factory=Counter)
+    """Frames other than packets not sent to a client that stopped reading, by frame type."""
     http_requests: Counter[str] = field(default_factory=Counter)
     stun_families: Counter[str] = field(default_factory=Counter)
     tls_versions_requested: Counter[str] = field(default_factory=Counter)
@@ -452,6 +454,13 @@ def relay_families(
         # --- ours -------------------------------------------------------------
         _labelled("derp_connections_closed", c, "Connections closed, by reason", "reason", closed.items()),
         _labelled("derp_http_requests", c, "HTTP requests, by route", "route", s.http_requests.items()),
+        _labelled(
+            "derp_control_frames_dropped",
+            c,
+            "Frames other than packets dropped for a client that is not reading, by frame type",
+            "frame",
+            s.control_frames_dropped.items(),
+        ),
         _one("derp_mesh_peers_connected", gauge, "Outgoing mesh links that are up", g.mesh_peers_connected),
         _labelled(
             "derp_mesh_peer_up",

@@ -140,6 +140,7 @@ class TlsConnection(asyncio.BufferedProtocol, asyncio.Transport):
             self._deadline.cancel()
             self._deadline = None
         self._ssl = None
+        self._tcp = None  # the transport refers to us: no cycle left for the collector to find
         if self._app_started:
             self._app_started = False
             self._app.connection_lost(exc)
@@ -301,7 +302,9 @@ class TlsConnection(asyncio.BufferedProtocol, asyncio.Transport):
         assert self._tcp is not None
         self._tcp.close()
         if self._tcp.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, self._tcp.abort)
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, self._tcp.abort)
 
     def abort(self) -> None:
         self._closing = True
