@@ -234,15 +234,20 @@ class TlsConnection(asyncio.BufferedProtocol, asyncio.Transport):
             return
         sslobj = self._ssl
         outgoing = self._outgoing
-        if len(data) <= RECORD_SLICE:
-            sslobj.write(data)
-            self._tcp.write(outgoing.read())
+        try:
+            if len(data) <= RECORD_SLICE:
+                sslobj.write(data)
+                self._tcp.write(outgoing.read())
+                return
+            view = memoryview(data)
+            records = []
+            for start in range(0, len(view), RECORD_SLICE):
+                sslobj.write(view[start : start + RECORD_SLICE])
+                records.append(outgoing.read())
+        except ssl.SSLError as exc:  # the peer shut TLS down under us
+            log.debug("TLS write to %s failed: %s", self.get_extra_info("peername"), exc)
+            self.abort()
             return
-        view = memoryview(data)
-        records = []
-        for start in range(0, len(view), RECORD_SLICE):
-            sslobj.write(view[start : start + RECORD_SLICE])
-            records.append(outgoing.read())
         self._tcp.writelines(records)
 
     def writelines(self, list_of_data: Any) -> None:
