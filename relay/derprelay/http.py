@@ -122,6 +122,21 @@ class _Phase(enum.Enum):
 class RelayHttpProtocol(asyncio.Protocol):
     """Reads one HTTP request, then either answers it or becomes a DERP stream."""
 
+    __slots__ = (  # one per client: no instance dict
+        "_answer",
+        "_conn",
+        "_head",
+        "_head_deadline",
+        "_peer",
+        "_phase",
+        "_rtt_timer",
+        "_site",
+        "_tls_version",
+        "_transport",
+        "_writing_paused",
+        "_ws",
+    )
+
     def __init__(self, site: HttpSite) -> None:
         self._site = site
         self._transport: asyncio.Transport | None = None

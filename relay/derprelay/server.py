@@ -27,7 +27,6 @@ import enum
 import ipaddress
 import logging
 import random
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -581,6 +580,40 @@ class ClientConnection:
     unreadable for the write timeout, the connection is closed.
     """
 
+    # Slots: a relay holds one of these per idle client, and an instance dict is 1.2 KB more.
+    __slots__ = (
+        "_control",
+        "_control_bytes",
+        "_decoder",
+        "_flush_scheduled",
+        "_handshake_deadline",
+        "_holds",
+        "_keep_alive",
+        "_label",
+        "_loop",
+        "_packet_bytes",
+        "_packets",
+        "_peer_gone_limit",
+        "_queued_since",
+        "_recv_limit",
+        "_state",
+        "_write_deadline",
+        "_writing_paused",
+        "address",
+        "bytes_received",
+        "bytes_sent",
+        "can_mesh",
+        "is_prober",
+        "key",
+        "not_ideal",
+        "port",
+        "preferred",
+        "remote",
+        "server",
+        "sink",
+        "sources_seen",
+    )
+
     def __init__(
         self,
         server: RelayServer,
@@ -607,8 +640,12 @@ class ClientConnection:
         self._state = _State.AWAIT_CLIENT_INFO
         self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
         self._control: list[bytes] = []
-        self._packets: deque[tuple[bytes, bytes]] = deque()
-        """(source, packet) pairs not yet written; framed at flush time, in the batch."""
+        self._packets: list[tuple[bytes, bytes]] = []
+        """(source, packet) pairs not yet written; framed at flush time, in the batch.
+
+        A list, not a deque: an empty deque is 600 bytes per idle client, and
+        the head is dropped only while paused, from at most 32.
+        """
         self._packet_bytes = 0
         """Bytes of the packets in ``_packets``."""
         self._control_bytes = 0
@@ -836,7 +873,7 @@ class ClientConnection:
                 server = self.server
                 limit = server.send_queue_bytes - len(packet)
                 while packets and (len(packets) >= server.send_queue_depth or self._packet_bytes > limit):
-                    _, dropped = packets.popleft()
+                    _, dropped = packets.pop(0)
                     self._packet_bytes -= len(dropped)
                     server.stats.drop(DropReason.QUEUE_HEAD, dropped)
         packets.append((source, packet))
