@@ -35,6 +35,8 @@ ALLOCATOR_MARGIN = 1.5
 
 NEVER_READERS = 6
 FLOOD_PACKET = bytes(f.MAX_PACKET_SIZE - 100)
+PINGS_PER_READER = 4000
+"""Pings each never-reader sends: 52 KB of Pongs owed, over three times what may be queued."""
 SMALL_RCVBUF = 4096
 """The never-reading clients' receive buffer: the kernel holds little for them on their side."""
 
@@ -139,6 +141,12 @@ async def test_never_reading_clients_hold_at_most_the_stated_bound(
                 await flood(16)
 
         await asyncio.wait_for(flood_until_every_queue_dropped(), 120)
+        # They ping without reading the Pongs: those past the bound are dropped, not queued.
+        pings = f.Ping(b"12345678").encode() * PINGS_PER_READER
+        for conn, _ in readers:
+            await asyncio.to_thread(
+                conn.sendall, ws.encode_frame(ws.OP_BINARY, pings, mask=True) if websocket else pings
+            )
         await flood(64)
         await still_relaying(a, b, key_b.public)
         grown = rss_bytes(pid) - before
@@ -147,6 +155,9 @@ async def test_never_reading_clients_hold_at_most_the_stated_bound(
         print(f"({grown / NEVER_READERS / MIB:.2f} MiB each; bound {PER_READER_BOUND / MIB:.2f} MiB each)")
         assert grown < bound, f"{grown / MIB:.1f} MiB held for {NEVER_READERS} never-reading clients"
         assert metric(relay, "derp_current_connections") == 3 + NEVER_READERS
+        pongs_dropped = metric(relay, "derp_control_frames_dropped_total", 'frame="pong"')
+        queued_at_most = CONTROL_QUEUE_BYTES // len(f.Pong(bytes(8)).encode())
+        assert pongs_dropped >= NEVER_READERS * (PINGS_PER_READER - queued_at_most)
     finally:
         for conn, _ in readers:
             conn.close()
