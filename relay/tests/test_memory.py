@@ -22,13 +22,23 @@ from derprelay.client import DerpClient
 from derprelay.http import WRITE_BUFFER_HIGH
 from derprelay.keys import NodePrivateKey
 from derprelay.server import CONTROL_QUEUE_BYTES, SEND_QUEUE_BYTES
+from derprelay.tlsstream import RECEIVE_BUFFER_SIZE, RECORD_PLAINTEXT, WRITE_SLICE
 from relayharness import RECV_TIMEOUT, RelayProcess, metric, new_client, wait_for
 
 MIB = 1024 * 1024
 
-PER_READER_BOUND = SEND_QUEUE_BYTES + CONTROL_QUEUE_BYTES + WRITE_BUFFER_HIGH + SEND_QUEUE_BYTES
-"""What a never-reading client may make the relay hold, as README states it: its queues, and
-the transport's buffer (its high-water mark, plus the one flush that can land on top of it)."""
+PER_READER_BOUND = (
+    SEND_QUEUE_BYTES
+    + CONTROL_QUEUE_BYTES
+    + WRITE_BUFFER_HIGH
+    + SEND_QUEUE_BYTES
+    + WRITE_SLICE
+    + RECEIVE_BUFFER_SIZE
+    + 2 * RECORD_PLAINTEXT
+)
+"""What a never-reading client may make the relay hold, as README states it: its queues, the
+transport's buffer (its high-water mark, plus the one flush that can land on top of it) and
+the TLS layer's two memory BIOs (a slice each, and a record)."""
 
 ALLOCATOR_MARGIN = 1.5
 """Headroom for the allocator's own rounding and free lists on top of the bound."""
