@@ -23,10 +23,12 @@ from . import http11
 from . import websocket as ws
 from .debug import DebugSite, Reply
 from .frames import PROTOCOL_VERSION
+from .heaptrim import HeapTrimmer
 from .listener import HandshakeLimits, RelayListener, bind_sockets
 from .metrics import RelayStats, tcp_info_rtt, tcp_rtt_label
 from .ratelimit import TokenBucket
 from .server import ClientConnection, RelayServer
+from .tlsstream import tls_protocol_factory
 
 log = logging.getLogger("derprelay.http")
 
@@ -97,6 +99,8 @@ class HttpSite:
     """``/debug/`` and ``/metrics``; None answers 404 there."""
     bootstrap_dns: Callable[[], bytes] = lambda: b"{}"
     home: HomePage = DEFAULT_HOME
+    heap: HeapTrimmer = field(default_factory=HeapTrimmer)
+    """Gives freed memory back to the kernel after bursts of connections (see heaptrim)."""
     stats: RelayStats = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +119,21 @@ class _Phase(enum.Enum):
 class RelayHttpProtocol(asyncio.Protocol):
     """Reads one HTTP request, then either answers it or becomes a DERP stream."""
 
+    __slots__ = (  # one per client: no instance dict
+        "_answer",
+        "_conn",
+        "_head",
+        "_head_deadline",
+        "_peer",
+        "_phase",
+        "_rtt_timer",
+        "_site",
+        "_tls_version",
+        "_transport",
+        "_writing_paused",
+        "_ws",
+    )
+
     def __init__(self, site: HttpSite) -> None:
         self._site = site
         self._transport: asyncio.Transport | None = None
@@ -127,10 +146,12 @@ class RelayHttpProtocol(asyncio.Protocol):
         self._tls_version = ""
         self._answer: asyncio.Task[None] | None = None
         self._rtt_timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
 
     # --- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._site.heap.opened()
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
@@ -158,6 +179,7 @@ class RelayHttpProtocol(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._site.heap.closed()
         self._phase = _Phase.CLOSED
         if self._head_deadline is not None:
             self._head_deadline.cancel()
@@ -169,12 +191,18 @@ class RelayHttpProtocol(asyncio.Protocol):
             self._rtt_timer.cancel()
         if self._conn is not None:
             self._conn.connection_lost()
+        # Break the cycles (us, the connection, the transport) so that refcounting frees
+        # the connection and its TLS state now, not at the next full garbage collection.
+        self._conn = None
+        self._transport = None
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self._conn is not None:
             self._conn.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self._conn is not None:
             self._conn.resume_writing()
 
@@ -190,8 +218,12 @@ class RelayHttpProtocol(asyncio.Protocol):
             transport.write(b"".join(data) if len(data) > 1 else data[0])
 
     def close(self) -> None:
+        """Close after a flush; a client that is not reading gets no flush, and frees its buffers now."""
         if self._transport is not None:
-            self._transport.close()
+            if self._writing_paused:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -430,12 +462,16 @@ def start_listener(
     accept_limit: TokenBucket | None = None,
 ) -> RelayListener:
     """Listen for relay connections (TLS when ``ssl_context`` is given), or serve a bound ``sock``."""
+    factory: Callable[[], asyncio.Protocol] = lambda: RelayHttpProtocol(site)  # noqa: E731
+    if ssl_context is not None:
+        # Our own TLS layer (derprelay.tlsstream), not the loop's: its buffers are shared.
+        factory = tls_protocol_factory(  # type: ignore[assignment]
+            factory, ssl_context, site.server.handshake_timeout, site.stats.count_tls_handshake_failed
+        )
     return RelayListener(
         [sock] if sock is not None else bind_sockets(host, port, socket.SOCK_STREAM, 1),
-        lambda: RelayHttpProtocol(site),
-        ssl_context,
+        factory,
         stats=site.stats,
-        handshake_timeout=site.server.handshake_timeout,
         limits=limits or HandshakeLimits(),
         accept_limit=accept_limit,
     )

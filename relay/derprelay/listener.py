@@ -28,7 +28,6 @@ import errno
 import logging
 import os
 import socket
-import ssl
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,18 +88,14 @@ class RelayListener:
     def __init__(
         self,
         sockets: list[socket.socket],
-        protocol_factory: Callable[[], asyncio.Protocol],
-        ssl_context: ssl.SSLContext | None,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
         *,
         stats: RelayStats,
-        handshake_timeout: float,
         limits: HandshakeLimits,
         accept_limit: TokenBucket | None = None,
     ) -> None:
         self.sockets = sockets
         self._factory = protocol_factory
-        self._ssl = ssl_context
-        self._handshake_timeout = handshake_timeout if ssl_context is not None else None
         self._stats = stats
         self._limits = limits
         self._accept_limit = accept_limit
@@ -229,14 +224,12 @@ class RelayListener:
         self._note_pending()
 
     async def _handshake(self, sock: socket.socket) -> None:
-        """Hand the connection to asyncio: the TLS handshake, then the relay's protocol."""
+        """Hand the connection to asyncio and the protocol, which does the TLS handshake (tlsstream)."""
         try:
-            await self._loop.connect_accepted_socket(
-                self._factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
-            )
-        except OSError as exc:  # ssl.SSLError, resets and the handshake timeout are all OSErrors
+            await self._loop.connect_accepted_socket(self._factory, sock)
+        except OSError as exc:  # gone before asyncio could take it
             self._stats.connections_closed["tls_handshake_failed"] += 1
-            log.debug("TLS handshake failed: %s", exc)
+            log.debug("connection lost before it could be served: %s", exc)
 
     def _shed(self, sock: socket.socket, reason: ShedReason) -> None:
         sock.close()

@@ -137,6 +137,8 @@ class RelayStats:
     bytes_dropped: Counter[tuple[str, str]] = field(default_factory=Counter)
     connections_closed: Counter[str] = field(default_factory=Counter)
     peer_gone_frames: Counter[str] = field(default_factory=Counter)
+    control_frames_dropped: Counter[str] = field(default_factory=Counter)
+    """Frames other than packets not sent to a client that stopped reading, by frame type."""
     http_requests: Counter[str] = field(default_factory=Counter)
     stun_families: Counter[str] = field(default_factory=Counter)
     tls_versions_requested: Counter[str] = field(default_factory=Counter)
@@ -152,6 +154,10 @@ class RelayStats:
         kind = "disco" if looks_like_disco(packet) else "other"
         self.packets_dropped[reason, kind] += 1
         self.bytes_dropped[reason, kind] += len(packet)
+
+    def count_tls_handshake_failed(self) -> None:
+        """A connection went before its TLS handshake was done: refused, timed out or dropped."""
+        self.connections_closed["tls_handshake_failed"] += 1
 
     def note_queue_time(self, seconds: float, packets: int) -> None:
         """``packets`` just written waited ``seconds`` (call after counting them in packets_sent).
@@ -491,6 +497,13 @@ def relay_families(
             gauge,
             "Accepted connections waiting for their TLS handshake to start",
             s.handshakes_pending,
+        ),
+        _labelled(
+            "derp_control_frames_dropped",
+            c,
+            "Frames other than packets dropped for a client that is not reading, by frame type",
+            "frame",
+            s.control_frames_dropped.items(),
         ),
         _one("derp_mesh_peers_connected", gauge, "Outgoing mesh links that are up", g.mesh_peers_connected),
         _labelled(

@@ -27,7 +27,6 @@ import enum
 import ipaddress
 import logging
 import random
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +48,15 @@ log = logging.getLogger("derprelay")
 
 SEND_QUEUE_DEPTH = 32
 """Packets buffered for a client that is not keeping up (derper's default)."""
+
+SEND_QUEUE_BYTES = 512 * 1024
+"""Packet bytes buffered for such a client: 32 of 16 KiB, but only 8 of the largest."""
+
+CONTROL_QUEUE_BYTES = 16 * 1024
+"""Other frames (Pong, PeerGone, Health) buffered for a client that is not reading; more are dropped."""
+
+MESH_CONTROL_QUEUE_BYTES = 4 * 1024 * 1024
+"""The same for a mesh peer (PeerPresent/PeerGone for every client); past it the link is closed."""
 
 WRITE_TIMEOUT = 2.0
 """Seconds a client may leave its socket unread before we drop the connection."""
@@ -90,6 +98,7 @@ class CloseReason(enum.StrEnum):
     NOT_ADMITTED = "not_admitted"
     NOT_PERMITTED = "not_permitted"
     WRITE_TIMEOUT = "write_timeout"
+    MESH_BACKLOG = "mesh_backlog"
     CLOSED_BY_PEER = "closed_by_mesh_peer"
     SHUTDOWN = "shutdown"
 
@@ -211,6 +220,7 @@ class RelayServer:
         admission: Admission | None = None,
         rate_limit: RateLimit | None = None,
         send_queue_depth: int = SEND_QUEUE_DEPTH,
+        send_queue_bytes: int = SEND_QUEUE_BYTES,
         write_timeout: float = WRITE_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         stats: RelayStats | None = None,
@@ -221,6 +231,7 @@ class RelayServer:
         self.admission = admission
         self.rate_limit = rate_limit
         self.send_queue_depth = send_queue_depth
+        self.send_queue_bytes = send_queue_bytes
         self.write_timeout = write_timeout
         self.handshake_timeout = handshake_timeout
         self.stats = stats or RelayStats()
@@ -384,7 +395,7 @@ class RelayServer:
     def _broadcast(self, frame: f.PeerPresent | f.PeerGone) -> None:
         if self._watchers:
             data = frame.encode()
-            for watcher in self._watchers:
+            for watcher in list(self._watchers):  # one too far behind is closed, and leaves the set
                 watcher.queue_control([data])
 
     def _note_gone_from_region(self, key: bytes) -> None:
@@ -569,6 +580,41 @@ class ClientConnection:
     unreadable for the write timeout, the connection is closed.
     """
 
+    # Slots: a relay holds one of these per idle client, and an instance dict is 1.2 KB more.
+    __slots__ = (
+        "_box",
+        "_control",
+        "_control_bytes",
+        "_decoder",
+        "_flush_scheduled",
+        "_handshake_deadline",
+        "_holds",
+        "_keep_alive",
+        "_label",
+        "_loop",
+        "_packet_bytes",
+        "_packets",
+        "_peer_gone_limit",
+        "_queued_since",
+        "_recv_limit",
+        "_state",
+        "_write_deadline",
+        "_writing_paused",
+        "address",
+        "bytes_received",
+        "bytes_sent",
+        "can_mesh",
+        "is_prober",
+        "key",
+        "not_ideal",
+        "port",
+        "preferred",
+        "remote",
+        "server",
+        "sink",
+        "sources_seen",
+    )
+
     def __init__(
         self,
         server: RelayServer,
@@ -595,8 +641,16 @@ class ClientConnection:
         self._state = _State.AWAIT_CLIENT_INFO
         self._decoder = f.FrameDecoder(KEY_LEN + f.MAX_UNTRUSTED_CLIENT_INFO_LEN)
         self._control: list[bytes] = []
-        self._packets: deque[tuple[bytes, bytes]] = deque()
-        """(source, packet) pairs not yet written; framed at flush time, in the batch."""
+        self._packets: list[tuple[bytes, bytes]] = []
+        """(source, packet) pairs not yet written; framed at flush time, in the batch.
+
+        A list, not a deque: an empty deque is 600 bytes per idle client, and
+        the head is dropped only while paused, from at most 32.
+        """
+        self._packet_bytes = 0
+        """Bytes of the packets in ``_packets``."""
+        self._control_bytes = 0
+        """Bytes of the frames in ``_control``."""
         self._flush_scheduled = False
         self._writing_paused = False
         self._queued_since = 0.0
@@ -822,17 +876,38 @@ class ClientConnection:
         if self._writing_paused:
             if not packets:
                 self._queued_since = self._loop.time()
-            elif len(packets) >= self.server.send_queue_depth:
-                _, dropped = packets.popleft()
-                self.server.stats.drop(DropReason.QUEUE_HEAD, dropped)
+            else:
+                server = self.server
+                limit = server.send_queue_bytes - len(packet)
+                while packets and (len(packets) >= server.send_queue_depth or self._packet_bytes > limit):
+                    _, dropped = packets.pop(0)
+                    self._packet_bytes -= len(dropped)
+                    server.stats.drop(DropReason.QUEUE_HEAD, dropped)
         packets.append((source, packet))
+        self._packet_bytes += len(packet)
         self._schedule_flush()
 
     def queue_control(self, data: list[bytes]) -> None:
-        """Queue non-packet frames (never dropped while the connection lives)."""
+        """Queue non-packet frames; bounded while the client is not reading.
+
+        A client past :data:`CONTROL_QUEUE_BYTES` loses the frame (counted);
+        a mesh peer past :data:`MESH_CONTROL_QUEUE_BYTES` is disconnected
+        instead, since a lost PeerPresent/PeerGone would leave it wrong about
+        who is here; it reconnects and is sent everyone afresh.
+        """
         if self._state is _State.CLOSED or not data:
             return
+        size = sum(map(len, data))
+        if self._writing_paused:
+            if self.can_mesh:
+                if self._control_bytes + size > MESH_CONTROL_QUEUE_BYTES:
+                    self.close(CloseReason.MESH_BACKLOG, "mesh peer is not reading its PeerPresent/PeerGone")
+                    return
+            elif self._control_bytes + size > CONTROL_QUEUE_BYTES:
+                self.server.stats.control_frames_dropped[f.FrameType(data[0][0]).name.lower()] += len(data)
+                return
         self._control.extend(data)
+        self._control_bytes += size
         self._schedule_flush()
 
     def send_peer_gone(self, peer: bytes, reason: f.PeerGoneReason) -> None:
@@ -872,6 +947,7 @@ class ClientConnection:
             return
         batch = self._control
         self._control = []
+        self._control_bytes = 0
         if self._packets:
             header = f.recv_packet_header
             sent_bytes = 0
@@ -886,6 +962,7 @@ class ClientConnection:
                 stats.note_queue_time(self._loop.time() - self._queued_since, len(self._packets))
                 self._queued_since = 0.0
             self._packets.clear()
+            self._packet_bytes = 0
         if batch:
             self.sink.write_frames(batch)
 
@@ -936,6 +1013,7 @@ class ClientConnection:
             self.server.stats.drop(DropReason.GONE_DISCONNECTED, packet)
         self._packets.clear()
         self._control.clear()
+        self._packet_bytes = self._control_bytes = 0
         self.server.stats.connections_closed[reason.value] += 1
         self.server.unregister(self)
         quiet = reason in (CloseReason.CLIENT_LEFT, CloseReason.SHUTDOWN)
