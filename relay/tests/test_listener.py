@@ -35,9 +35,7 @@ async def listening(limits: HandshakeLimits) -> AsyncIterator[tuple[RelayListene
     listener = RelayListener(
         bind_sockets("127.0.0.1", 0, socket.SOCK_STREAM, 1),
         Echo,
-        None,
         stats=stats,
-        handshake_timeout=STEP_TIMEOUT,
         limits=limits,
     )
     try:

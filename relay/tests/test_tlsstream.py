@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 from derprelay import frames as f
-from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, new_client
+from relayharness import RECV_TIMEOUT, RelayProcess, exchange_every_size, metric, new_client, wait_for
 
 
 async def test_abandoned_and_garbage_tls_handshakes_close_only_themselves(
@@ -24,6 +24,10 @@ async def test_abandoned_and_garbage_tls_handshakes_close_only_themselves(
         assert b"HTTP" not in await asyncio.wait_for(garbage_reader.read(), RECV_TIMEOUT)
         assert await asyncio.wait_for(silent_reader.read(), RECV_TIMEOUT) == b""
         await exchange_every_size(a, key_a.public, b, key_b.public)
+        await wait_for(
+            lambda: metric(relay, "derp_connections_closed_total", 'reason="tls_handshake_failed"') >= 1,
+            "the refused TLS handshake counted",
+        )
     finally:
         silent_writer.close()
         garbage_writer.close()
