@@ -422,7 +422,7 @@ def test_the_relay_follows_its_mesh_peers_when_the_kubelet_updates_the_configmap
 ) -> None:
     """The kubelet swaps a ConfigMap volume's ``..data`` symlink; the relay re-reads the file and dials."""
     cluster, _ = real
-    mesh_key = MeshKey.generate().text()
+    mesh_key = MeshKey.generate().text
     material = generate_self_signed(RELAY_HOST)
     key_file = tmp_path / "mesh.key"
     key_file.write_text(mesh_key)
