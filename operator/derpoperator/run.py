@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+from kopf._core.engines.peering import Identity  # the type of kopf.operator(identity=), not re-exported
 
 from .handlers import FINALIZER, Operator, OperatorConfig, register
 from .kubeapi import Kube, load_api_client
@@ -82,9 +83,12 @@ async def run(config: RunConfig, stop: asyncio.Event | None = None) -> None:
     runner = await start_server(
         build_app(published, metrics.registry), config.listen_host, config.listen_port
     )
+    # Named here, not by kopf: kopf's own guess asks the password database for the user,
+    # which has no entry for the image's uid 65532 (KeyError at start on a real node).
+    identity = config.identity or default_identity()
     election = None
     if config.leader_election:
-        lease = LeaseConfig(config.lease_namespace, config.lease_name, config.identity or default_identity())
+        lease = LeaseConfig(config.lease_namespace, config.lease_name, identity)
         election = LeaderElection(kube, lease)
     try:
         while not stop.is_set():
@@ -93,7 +97,7 @@ async def run(config: RunConfig, stop: asyncio.Event | None = None) -> None:
                 if not await _until_stopped(election.acquire(), stop):
                     return
             published.role = "leading"
-            if not await _lead(registry, config.operator.namespaces, election, stop):
+            if not await _lead(registry, config.operator.namespaces, identity, election, stop):
                 return
             # The lease could not be renewed in time (an API server down for longer than the lease):
             # stop acting, as leader election demands, then stand by to lead again once it is back.
@@ -108,6 +112,7 @@ async def run(config: RunConfig, stop: asyncio.Event | None = None) -> None:
 async def _lead(
     registry: kopf.OperatorRegistry,
     namespaces: tuple[str, ...],
+    identity: str,
     election: LeaderElection | None,
     stop: asyncio.Event,
 ) -> bool:
@@ -119,6 +124,7 @@ async def _lead(
             standalone=True,
             clusterwide=not namespaces,
             namespaces=list(namespaces),
+            identity=Identity(identity),
             stop_flag=kopf_stop,
         )
     )
