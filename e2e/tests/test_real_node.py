@@ -332,6 +332,18 @@ async def relay_a_packet(url: str, pin: str) -> None:
             await client.close()
 
 
+def relay_pod_ready(cluster: LocalCluster, what: str) -> None:
+    """Wait until the pod named ``relay`` is Ready by the kubelet's readiness probe."""
+    wait_until(
+        what,
+        lambda: any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in get(cluster, "pod", "relay")["status"].get("conditions", [])
+        ),
+        timeout=120,
+    )
+
+
 def tls_secret(name: str, material: CertMaterial) -> dict[str, Any]:
     """A ``kubernetes.io/tls`` Secret in ``default`` holding a relay's certificate and key."""
     return {
@@ -355,14 +367,7 @@ def test_the_relay_image_serves_derp_and_stun_at_the_nodes_address(
     cluster.kubectl(
         "apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in (secret, relay_pod("relay-tls")))
     )
-    wait_until(
-        "the relay pod Ready (the kubelet's HTTPS readiness probe)",
-        lambda: any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in get(cluster, "pod", "relay")["status"].get("conditions", [])
-        ),
-        timeout=120,
-    )
+    relay_pod_ready(cluster, "the relay pod Ready (the kubelet's HTTPS readiness probe)")
     response, sent_from = stun_binding((realnode.NODE_IP, 3478))
     assert (str(response.address), response.port) == sent_from  # the client's real address and port
     asyncio.run(relay_a_packet(f"https://{realnode.NODE_IP}:443/derp", material.cert_name))
@@ -465,14 +470,7 @@ def test_the_relay_follows_its_mesh_peers_when_the_kubelet_updates_the_configmap
         cluster.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in objects))
         wait_until("the peer relay's status file", status_file.exists)
         peer_pin = json.loads(status_file.read_text())["certName"]
-        wait_until(
-            "the meshed relay pod Ready",
-            lambda: any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in get(cluster, "pod", "relay")["status"].get("conditions", [])
-            ),
-            timeout=120,
-        )
+        relay_pod_ready(cluster, "the meshed relay pod Ready")
         peers = f"{RELAY_HOST}:443\n{PEER_HOST}:{peer_port}/{realnode.HOST_IP}\n"
         cluster.kubectl(
             "patch", "configmap", "meshed-peers", "--type=merge", "-p", json.dumps({"data": {"peers": peers}})
